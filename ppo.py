@@ -1,0 +1,303 @@
+"""Stage 3: PPO against a reward model with a KL penalty (PAPER.md sections 3-4).
+
+One call runs one PPO stage: the policy starts at --init, the KL penalty pulls towards --kl_ref,
+the reward comes from --reward_model, and the value model is a fresh copy of that RM. The three
+arms of run_all.sh differ only in what they pass here (KL reference, reward model).
+
+Per update (numbered as in the code below):
+ 1. sample B responses at T = 0.7 (fixed length R, everything after the first EOS is padding)
+ 2. score: log pi_old and log pi_ref per token (logits / 0.7), values V_old, RM score at the EOS;
+    a response with no EOS gets the score -1
+ 3. per-token reward  r_t = -beta * (log pi_old(y_t) - log pi_ref(y_t))   (k1 estimator)
+                      r_T += RM score                                       (last real token)
+ 4. GAE (gamma = 1, lambda = 0.95): delta_t = r_t + gamma V_{t+1} - V_t,
+    A_t = sum_l (gamma lambda)^l delta_{t+l},  returns = A + V_old;  A whitened over real tokens
+ 5. 4 epochs x minibatches of the clipped surrogate and the clipped value loss:
+      L_pg = E[ max(-A ratio, -A clip(ratio, 1 - 0.2, 1 + 0.2)) ],  ratio = pi / pi_old
+      L_vf = 0.5 E[ max((V - R)^2, (clip(V, V_old +- 0.2) - R)^2) ],   L = L_pg + 0.1 L_vf
+    AdamW, learning rate decayed linearly to 0 over the stage.
+Every --eval_every updates: gold and proxy reward and KL to SFT on a fixed held-out prompt set
+(T = 0.7 samples). At the end: near-greedy (T = 0.01) gold, gold win rate against the SFT
+policy's near-greedy responses to the same prompts.
+
+In : --init, --kl_ref, --sft (policies), --reward_model (RM)
+Out: --out  the policy as a Hugging Face directory, plus metrics.jsonl (one line per update),
+     eval.jsonl (the held-out curve), final.json (the final evaluation), ppo_info.json
+
+    python ppo.py --init runs/toy-seed1/sft --kl_ref runs/toy-seed1/sft --sft runs/toy-seed1/sft \\
+        --reward_model runs/toy-seed1/rm_1 --out runs/toy-seed1/ppo_1
+
+Departures: rewards are not whitened and the KL coefficient is constant, as in the N+ details;
+rollout log-probs are reused from sampling (exact: same model, same weights, same temperature)
+instead of a second forward pass; tiny models need lr 3e-4 instead of 3e-6.
+"""
+import argparse
+import json
+import time
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForSequenceClassification
+
+import common as C
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--init", required=True, help="policy to start from (sft.py or ppo.py output)")
+    p.add_argument("--kl_ref", required=True, help="policy the KL penalty pulls towards")
+    p.add_argument("--sft", required=True, help="SFT policy: KL to it is logged; eval baseline")
+    p.add_argument("--reward_model", required=True, help="reward model (also initialises the value model)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=1, help="random seed (prompts, sampling)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--updates", type=int, default=100, help="PPO updates (batches) in this stage")
+    p.add_argument("--batch_size", type=int, default=64, help="episodes (prompts) per update")
+    p.add_argument("--minibatches", type=int, default=2, help="minibatches per PPO epoch")
+    p.add_argument("--ppo_epochs", type=int, default=4, help="passes over each batch")
+    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate, linear decay to 0")
+    p.add_argument("--beta", type=float, default=0.05, help="KL penalty coefficient")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling/log-prob temperature")
+    p.add_argument("--gamma", type=float, default=1.0, help="GAE discount")
+    p.add_argument("--gae_lambda", type=float, default=0.95, help="GAE lambda")
+    p.add_argument("--clip", type=float, default=0.2, help="policy ratio clip range")
+    p.add_argument("--vf_clip", type=float, default=0.2, help="value clip range")
+    p.add_argument("--vf_coef", type=float, default=0.1, help="value loss coefficient")
+    p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient norm clip")
+    p.add_argument("--no_eos_score", type=float, default=-1.0, help="score of a response with no EOS")
+    p.add_argument("--eval_every", type=int, default=10, help="updates between held-out evaluations")
+    p.add_argument("--eval_prompts", type=int, default=512, help="size of the fixed held-out prompt set")
+    args = p.parse_args(argv)
+    if args.updates <= 0 or args.batch_size <= 0 or args.eval_every <= 0:
+        raise C.StageError("--updates, --batch_size and --eval_every must be positive")
+    if args.batch_size % args.minibatches:
+        raise C.StageError("--batch_size must be divisible by --minibatches")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# The math, as small functions the tests check against brute-force versions
+# ----------------------------------------------------------------------------------------------
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum()
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    """(x - mean) / std over the real tokens only; pads stay out of the statistics."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def token_rewards(logp, logp_ref, score, mask, beta):
+    """r_t = -beta (log pi - log pi_ref) on real tokens; the score is added at the last one."""
+    rewards = -beta * (logp - logp_ref) * mask                                     # (B, R)
+    last = mask.sum(dim=1).long() - 1                                               # (B,)
+    return rewards.scatter_add(1, last.unsqueeze(1), score.unsqueeze(1))
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation over the real tokens; values past the end count as 0."""
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    last_adv = torch.zeros_like(rewards[:, 0])
+    R = rewards.shape[1]
+    for t in reversed(range(R)):             # a loop over R positions, batched over B
+        next_value = values[:, t + 1] if t + 1 < R else torch.zeros_like(last_adv)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]          # delta_t
+        last_adv = delta + gamma * lam * last_adv                           # A_t = d_t + g l A_t+1
+        advantages[:, t] = last_adv
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask                        # A, returns
+
+
+def ppo_losses(logp, logp_old, advantages, values, values_old, returns, mask, clip, vf_clip):
+    """Clipped surrogate and clipped value loss (masked means); plus clipfrac and approx KL."""
+    log_ratio = logp - logp_old
+    ratio = torch.exp(log_ratio)
+    pg = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
+    v_clipped = values_old + (values - values_old).clamp(-vf_clip, vf_clip)
+    vf = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
+    with torch.no_grad():
+        clipfrac = masked_mean(((ratio - 1).abs() > clip).float(), mask)
+        # k3 estimator of KL(pi_old || pi): http://joschu.net/blog/kl-approx.html
+        approx_kl = masked_mean(ratio - 1 - log_ratio, mask)
+    return masked_mean(pg, mask), masked_mean(vf, mask), clipfrac, approx_kl
+
+
+def token_values(value_model, query, response, pad, eos):
+    """V(state before response token t) for t = 0..R-1: head on the hidden state at P-1+t."""
+    input_ids, attn, pos = C.model_inputs(query, response, pad, eos)
+    hidden = value_model.base_model(input_ids=input_ids, attention_mask=attn,
+                                    position_ids=pos).last_hidden_state
+    P = query.shape[1]
+    return value_model.score(hidden[:, P - 1:-1]).squeeze(-1).float()          # (B, R)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation on the fixed held-out prompts
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def score_responses(rm, query, response, pad, eos, no_eos_score):
+    score = C.reward_scores(rm, query, response, pad, eos)
+    return torch.where(C.has_eos(response, eos), score, torch.full_like(score, no_eos_score))
+
+
+@torch.inference_mode()
+def evaluate(policy, sft, rm, tokenizer, prompts, query, args, temperature, seed=0):
+    """Gold, proxy and KL to SFT of `policy` on the held-out prompts (fixed sampling seed)."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    gen = torch.Generator(device=query.device).manual_seed(seed)
+    response, logp = C.sample(policy, query, pad, eos, C.RESPONSE_LEN, temperature, gen)
+    texts, ended = C.decode_responses(tokenizer, response, eos)
+    mask = C.response_mask(response, eos)
+    logp_sft = C.gather_logprobs(C.response_logits(sft, query, response, pad, eos, temperature),
+                                 response) * mask
+    return {
+        "gold": C.gold_rewards(prompts, texts, ended).mean().item(),
+        "proxy": score_responses(rm, query, response, pad, eos, args.no_eos_score).mean().item(),
+        "kl_to_sft": (logp - logp_sft).sum(dim=1).mean().item(),
+        "response_length": mask.sum(dim=1).float().mean().item(),
+    }, response, texts, ended
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = C.pick_device(args.device)
+    C.set_seed(args.seed)
+    start = time.time()
+
+    # 0. models: policy (trained), KL reference and SFT (frozen), RM (frozen), value (trained)
+    policy, tokenizer = C.load_policy(args.init, device)
+    kl_ref, ref_tok = C.load_policy(args.kl_ref, device)
+    sft, sft_tok = C.load_policy(args.sft, device)
+    rm, rm_tok = C.load_reward_model(args.reward_model, device)
+    for tok, name in ((ref_tok, args.kl_ref), (sft_tok, args.sft), (rm_tok, args.reward_model)):
+        C.check_same_tokenizer(tokenizer, tok, args.init, name)
+    value_model = AutoModelForSequenceClassification.from_pretrained(
+        args.reward_model, use_safetensors=True).to(device)
+    for m in (kl_ref, sft, rm):
+        m.requires_grad_(False)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    params = list(policy.parameters()) + list(value_model.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, eps=1e-5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0 - u / args.updates)
+
+    B, mb_size = args.batch_size, args.batch_size // args.minibatches
+    prompts = C.make_prompts(args.updates * B, seed=args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    ev_prompts = C.eval_prompts(args.eval_prompts)
+    ev_query = C.encode_prompts(tokenizer, ev_prompts).to(device)
+    metrics, curve = [], []
+
+    def eval_point(update):
+        stats, *_ = evaluate(policy, sft, rm, tokenizer, ev_prompts, ev_query, args, args.temperature)
+        curve.append({"update": update, "episodes": update * B, **stats})
+
+    eval_point(0)
+    bar = tqdm(range(1, args.updates + 1), desc="ppo", mininterval=2)
+    for update in bar:
+        t0 = time.time()
+        batch_prompts = prompts[(update - 1) * B:update * B]
+        query = C.encode_prompts(tokenizer, batch_prompts).to(device)                  # (B, P)
+
+        # 1. rollout at T = 0.7; log pi_old comes with the samples
+        policy.eval()
+        value_model.eval()
+        response, logp_old = C.sample(policy, query, pad, eos, C.RESPONSE_LEN, args.temperature, gen)
+        mask = C.response_mask(response, eos).float()                               # (B, R)
+
+        # 2. score the rollout with the frozen models and the value model
+        with torch.no_grad(), C.autocast(device):
+            logits_ref = C.response_logits(kl_ref, query, response, pad, eos, args.temperature)
+            logp_ref = C.gather_logprobs(logits_ref, response) * mask                  # (B, R)
+            if args.sft == args.kl_ref:
+                logp_sft = logp_ref
+            else:
+                logits_sft = C.response_logits(sft, query, response, pad, eos, args.temperature)
+                logp_sft = C.gather_logprobs(logits_sft, response) * mask
+            values_old = token_values(value_model, query, response, pad, eos) * mask   # (B, R)
+        score = score_responses(rm, query, response, pad, eos, args.no_eos_score)  # (B,)
+        C.check_finite(score, "reward", "ppo", update)
+
+        # 3. per-token rewards: KL penalty on every real token, RM score on the last one
+        rewards = token_rewards(logp_old, logp_ref, score, mask, args.beta)
+        # 4. advantages and returns
+        advantages, returns = gae(rewards, values_old, mask, args.gamma, args.gae_lambda)
+        advantages = masked_whiten(advantages, mask)
+
+        # 5. PPO epochs over minibatches
+        policy.train()
+        value_model.train()
+        stats = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": [], "entropy": []}
+        for epoch in range(args.ppo_epochs):
+            order = torch.randperm(B, device=device)
+            for k in range(args.minibatches):
+                idx = order[k * mb_size:(k + 1) * mb_size]
+                q, r, m = query[idx], response[idx], mask[idx]
+                with C.autocast(device):
+                    logits = C.response_logits(policy, q, r, pad, eos, args.temperature)  # (b, R, V)
+                    values = token_values(value_model, q, r, pad, eos)                    # (b, R)
+                logp = C.gather_logprobs(logits, r)
+                pg_loss, vf_loss, clipfrac, approx_kl = ppo_losses(
+                    logp, logp_old[idx], advantages[idx], values, values_old[idx], returns[idx], m,
+                    args.clip, args.vf_clip)
+                loss = pg_loss + args.vf_coef * vf_loss
+                C.check_finite(loss, "loss", "ppo", update)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                opt.step()
+                with torch.no_grad():
+                    # entropy of pi( . | context) at each real position, averaged over tokens
+                    p_log = torch.log_softmax(logits, dim=-1)
+                    entropy = masked_mean(-(p_log.exp() * p_log).sum(-1), m)
+                for key, v in zip(stats, (pg_loss, vf_loss, clipfrac, approx_kl, entropy)):
+                    stats[key].append(v.item())
+        lr = sched.get_last_lr()[0]
+        sched.step()
+
+        # 6. log: what PPO optimised (proxy) next to what we actually want (gold)
+        texts, ended = C.decode_responses(tokenizer, response, eos)
+        row = {
+            "update": update, "episodes": update * B,
+            "kl_to_ref": ((logp_old - logp_ref) * mask).sum(1).mean().item(),
+            "kl_to_sft": ((logp_old - logp_sft) * mask).sum(1).mean().item(),
+            "proxy_reward": score.mean().item(),
+            "gold_reward": C.gold_rewards(batch_prompts, texts, ended).mean().item(),
+            "response_length": mask.sum(1).mean().item(),
+            "no_eos_fraction": 1.0 - sum(ended) / B,
+            **{k: sum(v) / len(v) for k, v in stats.items()},
+            "lr": lr, "episodes_per_second": B / (time.time() - t0),
+        }
+        metrics.append(row)
+        bar.set_postfix(gold=f"{row['gold_reward']:.2f}", proxy=f"{row['proxy_reward']:.2f}",
+                        kl=f"{row['kl_to_sft']:.2f}", refresh=False)
+        if update % args.eval_every == 0 or update == args.updates:
+            eval_point(update)
+    policy.eval()
+
+    # 7. final evaluation: near-greedy decode, gold win rate against the SFT policy
+    final, resp, texts, _ = evaluate(policy, sft, rm, tokenizer, ev_prompts, ev_query, args, 0.01)
+    _, _, sft_texts, sft_ended = evaluate(sft, sft, rm, tokenizer, ev_prompts, ev_query, args, 0.01)
+    gold_policy = C.gold_rewards(ev_prompts, texts, C.has_eos(resp, eos).tolist())
+    gold_sft = C.gold_rewards(ev_prompts, sft_texts, sft_ended)
+    final["win_rate_vs_sft"] = ((gold_policy > gold_sft).float() + 0.5 * (gold_policy == gold_sft).float()).mean().item()
+    final["kl_to_sft"] = curve[-1]["kl_to_sft"]        # KL is measured on T = 0.7 samples
+    final["samples"] = [{"prompt": p, "response": t} for p, t in zip(ev_prompts[:8], texts[:8])]
+
+    with C.atomic_output(args.out) as tmp:
+        policy.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+        (tmp / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
+        C.write_json(tmp / "final.json", final)
+        C.write_json(tmp / "ppo_info.json", {"args": vars(args), "seconds": time.time() - start})
+    print(f"ppo: final gold {final['gold']:.3f}, proxy {final['proxy']:.3f}, "
+          f"win rate vs SFT {final['win_rate_vs_sft']:.3f}, KL to SFT {final['kl_to_sft']:.2f}; "
+          f"saved {args.out} ({time.time() - start:.0f}s)")
+
+
+if __name__ == "__main__":
+    C.run_main(main)

@@ -1,0 +1,247 @@
+"""Stage 2: preference pairs from the SFT policy and a Bradley-Terry reward model
+(PAPER.md section 3, steps 2-4; the weighted loss of section 2).
+
+1. D <- for each prompt, two responses y0, y1 ~ pi_sft( . | x) at T = 1.0. We store their token
+   ids, their text and l_sft(y) = sum_t log pi_sft(y_t | x, y_<t) (T = 1.0, EOS included, float32),
+   which ocrm_correct.py later needs as the denominator of the density ratio.
+2. Label each pair with the gold reward: the higher gold score wins (`--label argmax`, the
+   authors' choice; ties are broken by a fair coin) or a Bradley-Terry draw
+   P(y1 > y0) = sigmoid(gold(y1) - gold(y0)) (`--label bt`).
+3. RM <- SFT backbone + fresh scalar head, score read at the last real token (EOS), fitted with
+       L(theta) = mean_i  w_i * -log sigmoid( r(x_i, y_c,i) - r(x_i, y_r,i) )
+   where w_i = 1 unless the dataset has a `weight` column (written by ocrm_correct.py).
+4. Centre: bias = mean RM score on held-out reference responses, stored in the checkpoint's
+   config as `reward_bias` and subtracted whenever the RM is used, so rewards are centred.
+
+In : --sft  (sft.py output)   --prefs (created here if missing; reused if present)
+Out: --prefs a `datasets` dataset (save_to_disk) with prompt, chosen, rejected, gold_*, logp_sft_*,
+     prompt_ids, chosen_ids, rejected_ids
+     --out   an AutoModelForSequenceClassification directory (+ tokenizer, rm_info.json)
+
+    python reward_model.py --sft runs/toy-seed1/sft --prefs runs/toy-seed1/prefs --out runs/toy-seed1/rm_1
+
+Departures: the authors label with a gold RM on TL;DR; here gold is the task's program.
+Held-out accuracy is measured on a fixed 10% of the pairs that is never trained on.
+"""
+import argparse
+import random
+import time
+from pathlib import Path
+
+import datasets
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoModelForSequenceClassification
+
+import common as C
+
+PREF_COLUMNS = ("prompt", "chosen", "rejected", "gold_chosen", "gold_rejected",
+                "logp_sft_chosen", "logp_sft_rejected", "prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def add_fit_args(p: argparse.ArgumentParser) -> None:
+    """RM-fit flags, shared with ocrm_correct.py so a corrected RM is fitted exactly the same way."""
+    p.add_argument("--seed", type=int, default=1, help="random seed (sampling, labels, init, order)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--epochs", type=int, default=2, help="passes over the training pairs")
+    p.add_argument("--batch_size", type=int, default=64, help="pairs per step")
+    p.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate, linear decay to 0")
+    p.add_argument("--heldout_fraction", type=float, default=0.1,
+                   help="fraction of pairs kept out of training for the accuracy check")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sft", required=True, help="SFT checkpoint directory (sft.py --out)")
+    p.add_argument("--prefs", required=True, help="preference dataset directory (made if missing)")
+    p.add_argument("--out", required=True, help="output reward-model directory")
+    p.add_argument("--num_pairs", type=int, default=10000, help="pairs to sample if --prefs is missing")
+    p.add_argument("--label", choices=("argmax", "bt"), default="argmax",
+                   help="gold label: higher score wins, or a Bradley-Terry draw")
+    add_fit_args(p)
+    args = p.parse_args(argv)
+    if args.num_pairs <= 0 or args.epochs <= 0:
+        raise C.StageError("--num_pairs and --epochs must be positive")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# 1-2. Sample and label the pairs once
+# ----------------------------------------------------------------------------------------------
+def make_preferences(sft_dir, out, num_pairs: int, label: str, seed: int, device) -> None:
+    policy, tokenizer = C.load_policy(sft_dir, device)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    prompts = C.make_prompts(num_pairs, seed=seed + 1000)       # not the SFT prompts' stream
+    query = C.encode_prompts(tokenizer, prompts).to(device)                     # (N, P)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    responses, logps = [], []
+    for i in tqdm(range(0, num_pairs, 512), desc="sample pairs", mininterval=2):
+        q = query[i:i + 512]
+        pair = [C.sample(policy, q, pad, eos, C.RESPONSE_LEN, 1.0, gen)[0] for _ in range(2)]
+        responses.append(torch.stack(pair, dim=1))                             # (b, 2, R)
+        # l_sft through the same function ocrm_correct.py uses for l_k (same code path, float32)
+        logps.append(torch.stack([C.sequence_logprobs(policy, q, r, pad, eos, 1.0) for r in pair], 1))
+    responses, logps = torch.cat(responses), torch.cat(logps)                   # (N, 2, R), (N, 2)
+
+    texts, ended = zip(*(C.decode_responses(tokenizer, responses[:, j], eos) for j in range(2)))
+    gold = torch.stack([C.gold_rewards(prompts, texts[j], ended[j]) for j in range(2)], dim=1)
+    rng = random.Random(seed)
+    if label == "argmax":   # higher gold wins; a tie carries no preference, so a coin decides
+        first_wins = [g0 > g1 or (g0 == g1 and rng.random() < 0.5) for g0, g1 in gold.tolist()]
+    else:                   # Bradley-Terry draw: P(y0 > y1) = sigmoid(g0 - g1)
+        p0 = torch.sigmoid(gold[:, 0] - gold[:, 1]).tolist()
+        first_wins = [rng.random() < p for p in p0]
+    c = torch.tensor([0 if w else 1 for w in first_wins])                      # chosen index
+    r = 1 - c
+    rows = torch.arange(num_pairs)
+    pick = lambda seq, j: [seq[int(j[i])][i] for i in range(num_pairs)]        # noqa: E731
+    data = {
+        "prompt": prompts,
+        "chosen": pick(texts, c), "rejected": pick(texts, r),
+        "gold_chosen": gold[rows, c].tolist(), "gold_rejected": gold[rows, r].tolist(),
+        "logp_sft_chosen": logps[rows, c].tolist(), "logp_sft_rejected": logps[rows, r].tolist(),
+        "prompt_ids": query.tolist(),
+        "chosen_ids": responses[rows, c].tolist(), "rejected_ids": responses[rows, r].tolist(),
+    }
+    with C.atomic_output(out) as tmp:
+        datasets.Dataset.from_dict(data).save_to_disk(str(tmp))
+    agree = (gold[rows, c] > gold[rows, r]).float().mean()
+    print(f"prefs: {num_pairs} pairs saved to {out}; chosen has strictly higher gold in "
+          f"{agree:.1%} (ties {(gold[:, 0] == gold[:, 1]).float().mean():.1%})")
+
+
+def load_preferences(path) -> datasets.Dataset:
+    path = Path(path)
+    if not path.is_dir():
+        raise C.StageError(f"{path} does not exist; run reward_model.py first to make the pairs")
+    try:
+        data = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise C.StageError(f"{path} is not a saved dataset: {str(e).splitlines()[0]}")
+    missing = [col for col in PREF_COLUMNS if col not in data.column_names]
+    if missing:
+        raise C.StageError(f"{path} lacks the column(s) {missing}; remake it with reward_model.py")
+    if len(data) < 2:
+        raise C.StageError(f"{path} holds {len(data)} pairs; at least 2 are needed")
+    return data
+
+
+def split_indices(n: int, heldout_fraction: float, seed: int):
+    """A fixed train/held-out split of the pair indices (the same for every RM of a run)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_held = max(1, int(n * heldout_fraction))
+    return order[n_held:], order[:n_held]
+
+
+# ----------------------------------------------------------------------------------------------
+# 3-4. Weighted Bradley-Terry fit and centring
+# ----------------------------------------------------------------------------------------------
+def bt_loss(score_chosen, score_rejected, weight=None):
+    """L = mean_i w_i * -log sigmoid(r_c,i - r_r,i); w = 1 gives the plain BT loss."""
+    nll = -F.logsigmoid(score_chosen - score_rejected)                          # (B,)
+    return nll.mean() if weight is None else (weight * nll).mean()
+
+
+@torch.inference_mode()
+def pair_accuracy(rm, query, chosen, rejected, pad, eos, batch_size=512) -> float:
+    correct = 0
+    for i in range(0, len(query), batch_size):
+        q = query[i:i + batch_size]
+        margin = (C.reward_scores(rm, q, chosen[i:i + batch_size], pad, eos)
+                  - C.reward_scores(rm, q, rejected[i:i + batch_size], pad, eos))
+        correct += (margin > 0).sum().item()
+    return correct / len(query)
+
+
+def fit_reward_model(sft_dir, data: datasets.Dataset, args, device, weight=None):
+    """Fit RM = SFT backbone + fresh head on the pairs with per-pair weights; returns (rm, tok, info)."""
+    C.set_seed(args.seed)
+    tokenizer = C.load_tokenizer(sft_dir)
+    C.load_policy(sft_dir, "cpu")                                   # checks it is a policy checkpoint
+    rm = AutoModelForSequenceClassification.from_pretrained(sft_dir, num_labels=1, use_safetensors=True)
+    rm.config.pad_token_id = tokenizer.pad_token_id
+    rm.to(device)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    query = torch.tensor(data["prompt_ids"], device=device)                   # (N, P)
+    chosen = torch.tensor(data["chosen_ids"], device=device)                  # (N, R)
+    rejected = torch.tensor(data["rejected_ids"], device=device)              # (N, R)
+    weight = torch.ones(len(data)) if weight is None else torch.as_tensor(weight, dtype=torch.float32)
+    weight = weight.to(device)
+    C.check_finite(weight, "weight", "reward_model")
+    train_idx, held_idx = split_indices(len(data), args.heldout_fraction, args.seed)
+
+    opt = torch.optim.AdamW(rm.parameters(), lr=args.lr)
+    steps_per_epoch = max(1, len(train_idx) // args.batch_size)
+    total = steps_per_epoch * args.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / total)
+    rm.train()
+    bar = tqdm(total=total, desc="reward model", mininterval=2)
+    for epoch in range(args.epochs):
+        order = train_idx[torch.randperm(len(train_idx))]
+        for step in range(steps_per_epoch):
+            idx = order[step * args.batch_size:(step + 1) * args.batch_size].to(device)
+            q = query[idx]
+            with C.autocast(device):   # one forward for both responses of every pair: (2B,)
+                scores = C.reward_scores(rm, torch.cat([q, q]), torch.cat([chosen[idx], rejected[idx]]),
+                                         pad, eos)
+            score_c, score_r = scores.chunk(2)
+            loss = bt_loss(score_c, score_r, weight[idx])
+            C.check_finite(loss, "loss", "reward_model", epoch * steps_per_epoch + step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar.close()
+    rm.eval()
+
+    # 4. centre on held-out reference responses: bias = mean_x r(x, y_ref)
+    rng = random.Random(args.seed)
+    ref_prompts = C.make_prompts(1024, seed=args.seed + 2000, held_out=True)
+    ref_query = C.encode_prompts(tokenizer, ref_prompts).to(device)
+    ref_resp = C.encode_responses(tokenizer, [C.reference_response(p, rng) for p in ref_prompts]).to(device)
+    with torch.inference_mode():
+        bias = C.reward_scores(rm, ref_query, ref_resp, pad, eos).mean().item()
+    C.check_finite(bias, "centring bias", "reward_model")
+    rm.config.reward_bias = bias
+
+    held = held_idx.to(device)
+    info = {
+        "heldout_accuracy": pair_accuracy(rm, query[held], chosen[held], rejected[held], pad, eos),
+        "train_accuracy": pair_accuracy(rm, query[train_idx], chosen[train_idx],
+                                        rejected[train_idx], pad, eos),
+        "final_loss": loss.item(), "reward_bias": bias, "num_pairs": len(data),
+        "weighted": bool((weight != 1).any()),
+    }
+    return rm, tokenizer, info
+
+
+def save_reward_model(rm, tokenizer, info: dict, out) -> None:
+    with C.atomic_output(out) as tmp:
+        rm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        C.write_json(tmp / "rm_info.json", info)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = C.pick_device(args.device)
+    start = time.time()
+    C.load_policy(args.sft, "cpu")                                  # fail early with a clear message
+    if not Path(args.prefs).exists():
+        make_preferences(args.sft, args.prefs, args.num_pairs, args.label, args.seed, device)
+    data = load_preferences(args.prefs)
+    weight = data["weight"] if "weight" in data.column_names else None
+    rm, tokenizer, info = fit_reward_model(args.sft, data, args, device, weight)
+    info.update(args=vars(args), seconds=time.time() - start)
+    save_reward_model(rm, tokenizer, info, args.out)
+    print(f"reward model: held-out pair accuracy {info['heldout_accuracy']:.3f} "
+          f"(train {info['train_accuracy']:.3f}), bias {info['reward_bias']:.3f}, "
+          f"saved {args.out} ({info['seconds']:.0f}s)")
+
+
+if __name__ == "__main__":
+    C.run_main(main)
