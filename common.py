@@ -85,8 +85,8 @@ PAD, EOS, UNK, LIST = "<pad>", "<eos>", "<unk>", "list"
 ITEMS_PER_PROMPT = 4
 RESPONSE_LEN = 12            # max new tokens (room for 11 words + <eos>)
 # P(number of words in a reference response = 1, 2, ..., 6)
-REFERENCE_LENGTH_PROBS = (0.15, 0.2, 0.25, 0.25, 0.1, 0.05)
-REFERENCE_MISTAKE_PROB = 0.1  # chance that a reference word is replaced by a repeat/off-prompt word
+REFERENCE_LENGTH_PROBS = (0.2, 0.25, 0.3, 0.25)
+REFERENCE_MISTAKE_PROB = 0.05 # chance that a reference word is replaced by a repeat/off-prompt word
 NO_EOS_GOLD = -1.0           # gold reward of a response that never ends (mirrors PPO's -1 score)
 
 

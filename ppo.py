@@ -280,11 +280,13 @@ def main(argv=None):
 
     # 7. final evaluation: near-greedy decode, gold win rate against the SFT policy
     final, resp, texts, _ = evaluate(policy, sft, rm, tokenizer, ev_prompts, ev_query, args, 0.01)
-    _, _, sft_texts, sft_ended = evaluate(sft, sft, rm, tokenizer, ev_prompts, ev_query, args, 0.01)
+    sft_final, _, sft_texts, sft_ended = evaluate(sft, sft, rm, tokenizer, ev_prompts, ev_query,
+                                                  args, 0.01)
     gold_policy = C.gold_rewards(ev_prompts, texts, C.has_eos(resp, eos).tolist())
     gold_sft = C.gold_rewards(ev_prompts, sft_texts, sft_ended)
     final["win_rate_vs_sft"] = ((gold_policy > gold_sft).float() + 0.5 * (gold_policy == gold_sft).float()).mean().item()
     final["kl_to_sft"] = curve[-1]["kl_to_sft"]        # KL is measured on T = 0.7 samples
+    final["sft"] = {"gold": sft_final["gold"], "proxy": sft_final["proxy"]}  # same prompts, same RM
     final["samples"] = [{"prompt": p, "response": t} for p, t in zip(ev_prompts[:8], texts[:8])]
 
     with C.atomic_output(args.out) as tmp:

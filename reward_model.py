@@ -47,6 +47,9 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=2, help="passes over the training pairs")
     p.add_argument("--batch_size", type=int, default=64, help="pairs per step")
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate, linear decay to 0")
+    p.add_argument("--train_backbone", type=int, default=1,
+                   help="1: fine-tune the SFT backbone with the head; 0: freeze it and fit only the "
+                        "linear head (a deliberately misspecified RM)")
     p.add_argument("--heldout_fraction", type=float, default=0.1,
                    help="fraction of pairs kept out of training for the accuracy check")
 
@@ -162,6 +165,7 @@ def fit_reward_model(sft_dir, data: datasets.Dataset, args, device, weight=None)
     C.load_policy(sft_dir, "cpu")                                   # checks it is a policy checkpoint
     rm = AutoModelForSequenceClassification.from_pretrained(sft_dir, num_labels=1, use_safetensors=True)
     rm.config.pad_token_id = tokenizer.pad_token_id
+    rm.base_model.requires_grad_(bool(args.train_backbone))
     rm.to(device)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     query = torch.tensor(data["prompt_ids"], device=device)                   # (N, P)
@@ -172,7 +176,7 @@ def fit_reward_model(sft_dir, data: datasets.Dataset, args, device, weight=None)
     C.check_finite(weight, "weight", "reward_model")
     train_idx, held_idx = split_indices(len(data), args.heldout_fraction, args.seed)
 
-    opt = torch.optim.AdamW(rm.parameters(), lr=args.lr)
+    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=args.lr)
     steps_per_epoch = max(1, len(train_idx) // args.batch_size)
     total = steps_per_epoch * args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / total)

@@ -1,0 +1,151 @@
+"""Stage 4: off-policy correction of the reward model (PAPER.md section 2, section 3 step 6a-b).
+
+The RM was fitted on pairs drawn from pi_sft, but PPO now uses it on responses from pi_k.
+Re-weight every stored pair by how much more likely it is under pi_k and refit:
+
+  l_k(y)   = sum_t log pi_k(y_t | x, y_<t)        (T = 1.0, EOS included, float32)
+  log r_a  = l_k - log( a exp(l_k) + (1 - a) exp(l_sft) )          relative ratio, <= log(1/a)
+           = l_k - logaddexp( log a + l_k, log(1 - a) + l_sft )    (computed like this: exact)
+  w        = exp( lam * (log r_a(y_c) + log r_a(y_r)) )             tempered product over BOTH
+  optional: w <- w / mean(w)   (--normalize 1),   w <- min(w, clip) (--clip)
+  RM_k     = argmin  mean_i w_i * -log sigmoid(r(x_i, y_c,i) - r(x_i, y_r,i))
+
+RM_k starts again from the SFT backbone with a fresh head (not from RM_{k-1}) and is fitted by
+reward_model.py's own fit, so the only difference from RM_1 is the weights.
+
+In : --policy (pi_k, from ppo.py), --sft, --prefs (from reward_model.py)
+Out: --weights_out  the prefs columns + logp_policy_chosen/rejected + weight (save_to_disk),
+                    with settings.json (alpha, lam, normalize, clip) and the diagnostics
+     --out          the corrected RM (same format as reward_model.py's)
+
+    python ocrm_correct.py --policy runs/toy-seed1/ocrm/round_1 --sft runs/toy-seed1/sft \\
+        --prefs runs/toy-seed1/prefs --weights_out runs/toy-seed1/ocrm/weights_2 \\
+        --out runs/toy-seed1/ocrm/rm_2 --lam 0.1
+
+Departures: the authors' code adds 1e-36 inside the log in float32, which underflows once both
+log-probs fall below about -87 and then returns a wrong ratio; here the ratio is computed with
+logaddexp, exactly, for any log-prob. The embedded task's responses are short (summed log-probs
+around -5 instead of -100s), so its lam is larger than the authors' 0.001.
+"""
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import datasets
+import torch
+
+import common as C
+import reward_model as RM
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--policy", required=True, help="current policy pi_k (ppo.py --out)")
+    p.add_argument("--sft", required=True, help="SFT policy (denominator and RM init)")
+    p.add_argument("--prefs", required=True, help="preference dataset (reward_model.py --prefs)")
+    p.add_argument("--weights_out", required=True, help="where to save the weighted dataset")
+    p.add_argument("--out", required=True, help="output directory of the corrected RM")
+    p.add_argument("--alpha", type=float, default=0.1, help="relative density ratio mix, in [0, 1)")
+    p.add_argument("--lam", type=float, default=0.1, help="tempering exponent on the ratio, >= 0")
+    p.add_argument("--normalize", type=int, default=0, help="1: rescale weights to mean 1")
+    p.add_argument("--clip", type=float, default=0.0, help="cap on each weight (0: no cap)")
+    RM.add_fit_args(p)
+    args = p.parse_args(argv)
+    if not 0.0 <= args.alpha < 1.0:
+        raise C.StageError(f"--alpha must be in [0, 1), got {args.alpha}")
+    if args.lam < 0 or args.clip < 0:
+        raise C.StageError("--lam and --clip must be >= 0")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# The weights
+# ----------------------------------------------------------------------------------------------
+def log_relative_ratio(logp_policy, logp_sft, alpha: float):
+    """log r_a = l_k - log(a e^l_k + (1 - a) e^l_sft), in log space (exact for any magnitude)."""
+    if alpha == 0.0:
+        return logp_policy - logp_sft                                    # plain ratio p_k / p_sft
+    return logp_policy - torch.logaddexp(math.log(alpha) + logp_policy,
+                                         math.log(1.0 - alpha) + logp_sft)
+
+
+def pair_weights(logp_policy_chosen, logp_policy_rejected, logp_sft_chosen, logp_sft_rejected,
+                 alpha: float, lam: float, normalize: bool = False, clip: float = 0.0):
+    """w = (r_a(y_c) r_a(y_r)) ** lam, optionally normalised to mean 1 and capped at `clip`."""
+    log_w = lam * (log_relative_ratio(logp_policy_chosen, logp_sft_chosen, alpha)
+                   + log_relative_ratio(logp_policy_rejected, logp_sft_rejected, alpha))
+    if normalize:                              # w / mean(w), in log space: log w - logmeanexp
+        log_w = log_w - (torch.logsumexp(log_w, dim=0) - math.log(len(log_w)))
+    w = torch.exp(log_w)
+    return w.clamp(max=clip) if clip > 0 else w
+
+
+def effective_sample_size(w) -> float:
+    """ESS = (sum w)^2 / sum w^2, as a fraction of N (1 = uniform weights)."""
+    w = torch.as_tensor(w, dtype=torch.float64)
+    return (w.sum() ** 2 / (w ** 2).sum() / len(w)).item()
+
+
+def weight_diagnostics(w) -> dict:
+    w = torch.as_tensor(w, dtype=torch.float64)
+    counts, edges = torch.histogram(w.log10(), bins=10)
+    return {"ess_fraction": effective_sample_size(w), "min": w.min().item(),
+            "mean": w.mean().item(), "max": w.max().item(),
+            "histogram_log10": {"edges": edges.tolist(), "counts": counts.long().tolist()}}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = C.pick_device(args.device)
+    start = time.time()
+    data = RM.load_preferences(args.prefs)
+    policy, tokenizer = C.load_policy(args.policy, device, what_to_run="ppo.py")
+    _, sft_tok = C.load_policy(args.sft, "cpu")
+    C.check_same_tokenizer(tokenizer, sft_tok, args.policy, args.sft)
+    weights_dir = Path(args.weights_out)
+
+    if weights_dir.exists():   # finished in an earlier, interrupted call: reuse, never recompute
+        data = datasets.load_from_disk(str(weights_dir))
+        print(f"ocrm: reusing the weights in {weights_dir}")
+    else:
+        # a. l_k of both stored responses under the current policy, T = 1.0 (same code as l_sft)
+        pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+        query = torch.tensor(data["prompt_ids"], device=device)
+        logp = {name: C.sequence_logprobs(policy, query, torch.tensor(data[f"{name}_ids"], device=device),
+                                          pad, eos, temperature=1.0).cpu()
+                for name in ("chosen", "rejected")}
+        # b. the weights
+        w = pair_weights(logp["chosen"], logp["rejected"],
+                         torch.tensor(data["logp_sft_chosen"]), torch.tensor(data["logp_sft_rejected"]),
+                         args.alpha, args.lam, bool(args.normalize), args.clip)
+        C.check_finite(w, "weight", "ocrm_correct")
+        for col in ("logp_policy_chosen", "logp_policy_rejected", "weight"):
+            if col in data.column_names:
+                data = data.remove_columns(col)
+        data = (data.add_column("logp_policy_chosen", logp["chosen"].tolist())
+                    .add_column("logp_policy_rejected", logp["rejected"].tolist())
+                    .add_column("weight", w.tolist()))
+        settings = {"alpha": args.alpha, "lam": args.lam, "normalize": bool(args.normalize),
+                    "clip": args.clip, "policy": str(args.policy),
+                    "diagnostics": weight_diagnostics(w)}
+        with C.atomic_output(weights_dir) as tmp:
+            data.save_to_disk(str(tmp))
+            C.write_json(tmp / "settings.json", settings)
+    diag = json.loads((weights_dir / "settings.json").read_text())["diagnostics"]
+    print(f"ocrm: weights ESS {diag['ess_fraction']:.1%} of N, min {diag['min']:.3g}, "
+          f"mean {diag['mean']:.3g}, max {diag['max']:.3g}; log10 histogram "
+          f"{diag['histogram_log10']['counts']}")
+
+    # c. refit from the SFT backbone with the weighted BT loss (reward_model.py's fit)
+    rm, tok, info = RM.fit_reward_model(args.sft, data, args, device, weight=data["weight"])
+    info.update(args=vars(args), weights=diag, seconds=time.time() - start)
+    RM.save_reward_model(rm, tok, info, args.out)
+    print(f"ocrm: corrected RM held-out pair accuracy {info['heldout_accuracy']:.3f}, "
+          f"saved {args.out} ({info['seconds']:.0f}s)")
+
+
+if __name__ == "__main__":
+    C.run_main(main)

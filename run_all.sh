@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The whole OCRM pipeline on one seed (PAPER.md section 3), then the report.
+#
+#   SFT -> preference pairs + RM_1 -> PPO round 1 (shared start), then three arms that each run
+#   rounds 2..ROUNDS with the same PPO budget per round:
+#     standard_rlhf  KL to pi_sft,        reward RM_1 throughout
+#     ppo_new_kl     KL to pi_{k-1},      reward RM_1 throughout           (reference reset only)
+#     ocrm           KL to pi_{k-1},      reward RM_k = weighted refit with pi_{k-1}'s weights
+#
+# Every stage writes its output under a temporary name and renames it when complete, and a stage
+# whose output exists is skipped: an interrupted run is resumed by running this script again.
+#
+# Environment (all optional):
+#   SEED=1  ROUNDS=3  RUN_DIR=runs/toy-seed$SEED  PYTHON=python  DEVICE=auto
+#   UPDATES=100       PPO updates per round
+#   SFT_ARGS   extra flags for sft.py                 e.g. "--epochs 1"
+#   PAIRS_ARGS extra flags for making the pairs       e.g. "--num_pairs 2000 --label bt"
+#   RM_ARGS    extra RM-fit flags, used for RM_1 and every corrected RM alike, e.g. "--epochs 1"
+#   PPO_ARGS   extra flags for every ppo.py call      e.g. "--batch_size 32"
+#   OCRM_ARGS  extra weight flags for ocrm_correct.py e.g. "--lam 0.2 --normalize 1"
+set -euo pipefail
+cd "$(dirname "$0")"
+
+SEED=${SEED:-1}
+ROUNDS=${ROUNDS:-3}
+RUN_DIR=${RUN_DIR:-runs/toy-seed$SEED}
+PYTHON=${PYTHON:-python}
+DEVICE=${DEVICE:-auto}
+UPDATES=${UPDATES:-100}
+SFT_ARGS=${SFT_ARGS:-}
+PAIRS_ARGS=${PAIRS_ARGS:-}
+RM_ARGS=${RM_ARGS:-}
+PPO_ARGS=${PPO_ARGS:-}
+OCRM_ARGS=${OCRM_ARGS:-}
+
+for name in SEED ROUNDS UPDATES; do
+  value=${!name}
+  if ! [[ "$value" =~ ^[0-9]+$ ]] || [ "$value" -lt 1 ]; then
+    echo "error: $name must be a positive integer, got '$value'" >&2
+    exit 2
+  fi
+done
+mkdir -p "$RUN_DIR" 2>/dev/null && [ -w "$RUN_DIR" ] || {
+  echo "error: cannot write the run directory $RUN_DIR" >&2; exit 2; }
+
+# run_stage OUTPUT_DIR COMMAND...: skip when OUTPUT_DIR is finished, otherwise run COMMAND
+run_stage() {
+  local out=$1; shift
+  if [ -d "$out" ]; then
+    echo "== skip $out (finished)"
+  else
+    echo "== $out"
+    "$@"
+  fi
+}
+
+common=(--seed "$SEED" --device "$DEVICE")
+sft=$RUN_DIR/sft
+rm_1=$RUN_DIR/rm_1
+
+# 1. SFT, 2. preference pairs + RM_1, 3. PPO round 1 (the start all three arms share)
+# shellcheck disable=SC2086  # *_ARGS are flag lists, split on purpose
+run_stage "$sft" "$PYTHON" sft.py --out "$sft" "${common[@]}" $SFT_ARGS
+# shellcheck disable=SC2086
+run_stage "$rm_1" "$PYTHON" reward_model.py --sft "$sft" --prefs "$RUN_DIR/prefs" --out "$rm_1" \
+  "${common[@]}" $PAIRS_ARGS $RM_ARGS
+ppo() {  # ppo OUT INIT KL_REF RM ROUND
+  # shellcheck disable=SC2086
+  run_stage "$1" "$PYTHON" ppo.py --out "$1" --init "$2" --kl_ref "$3" --reward_model "$4" \
+    --sft "$sft" --seed $((SEED * 100 + $5)) --device "$DEVICE" --updates "$UPDATES" $PPO_ARGS
+}
+ppo "$RUN_DIR/ppo_1" "$sft" "$sft" "$rm_1" 1
+
+# 4. rounds 2..ROUNDS of the three arms, all starting from ppo_1
+prev_std=$RUN_DIR/ppo_1 prev_kl=$RUN_DIR/ppo_1 prev_ocrm=$RUN_DIR/ppo_1
+for ((k = 2; k <= ROUNDS; k++)); do
+  ppo "$RUN_DIR/standard_rlhf/round_$k" "$prev_std" "$sft" "$rm_1" "$k"
+  prev_std=$RUN_DIR/standard_rlhf/round_$k
+
+  ppo "$RUN_DIR/ppo_new_kl/round_$k" "$prev_kl" "$prev_kl" "$rm_1" "$k"
+  prev_kl=$RUN_DIR/ppo_new_kl/round_$k
+
+  rm_k=$RUN_DIR/ocrm/rm_$k
+  # shellcheck disable=SC2086
+  run_stage "$rm_k" "$PYTHON" ocrm_correct.py --policy "$prev_ocrm" --sft "$sft" \
+    --prefs "$RUN_DIR/prefs" --weights_out "$RUN_DIR/ocrm/weights_$k" --out "$rm_k" \
+    "${common[@]}" $RM_ARGS $OCRM_ARGS
+  ppo "$RUN_DIR/ocrm/round_$k" "$prev_ocrm" "$prev_ocrm" "$rm_k" "$k"
+  prev_ocrm=$RUN_DIR/ocrm/round_$k
+done
+
+# 5. report.json, report.md, curves.png (always rebuilt: cheap, and reflects what is on disk)
+"$PYTHON" report.py --run_dir "$RUN_DIR" --rounds "$ROUNDS" --seed "$SEED"
