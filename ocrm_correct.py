@@ -75,6 +75,10 @@ def log_relative_ratio(logp_policy, logp_sft, alpha: float):
 def pair_weights(logp_policy_chosen, logp_policy_rejected, logp_sft_chosen, logp_sft_rejected,
                  alpha: float, lam: float, normalize: bool = False, clip: float = 0.0):
     """w = (r_a(y_c) r_a(y_r)) ** lam, optionally normalised to mean 1 and capped at `clip`."""
+    # float64: with large lam, w of a float32 exp underflows to 0 and its log to -inf
+    logp_policy_chosen, logp_policy_rejected, logp_sft_chosen, logp_sft_rejected = (
+        torch.as_tensor(x, dtype=torch.float64) for x in
+        (logp_policy_chosen, logp_policy_rejected, logp_sft_chosen, logp_sft_rejected))
     log_w = lam * (log_relative_ratio(logp_policy_chosen, logp_sft_chosen, alpha)
                    + log_relative_ratio(logp_policy_rejected, logp_sft_rejected, alpha))
     if normalize:                              # w / mean(w), in log space: log w - logmeanexp
@@ -91,7 +95,8 @@ def effective_sample_size(w) -> float:
 
 def weight_diagnostics(w) -> dict:
     w = torch.as_tensor(w, dtype=torch.float64)
-    counts, edges = torch.histogram(w.log10(), bins=10)
+    # log10 of the weights, with a zero weight (underflow) shown at the smallest positive float
+    counts, edges = torch.histogram(w.clamp(min=torch.finfo(torch.float64).tiny).log10(), bins=10)
     return {"ess_fraction": effective_sample_size(w), "min": w.min().item(),
             "mean": w.mean().item(), "max": w.max().item(),
             "histogram_log10": {"edges": edges.tolist(), "counts": counts.long().tolist()}}

@@ -99,7 +99,7 @@ def token_rewards(logp, logp_ref, score, mask, beta):
 
 def gae(rewards, values, mask, gamma, lam):
     """Generalised advantage estimation over the real tokens; values past the end count as 0."""
-    values = values * mask
+    rewards, values = rewards * mask, values * mask
     advantages = torch.zeros_like(rewards)
     last_adv = torch.zeros_like(rewards[:, 0])
     R = rewards.shape[1]
