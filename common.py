@@ -19,6 +19,7 @@ the middle of a response could never be confused with padding.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -73,38 +74,40 @@ def check_finite(value: float | torch.Tensor, what: str, stage: str, step: int |
 
 # ----------------------------------------------------------------------------------------------
 # The embedded task: "list the prompt's items".
-# Prompt:   `list` + 5 distinct colour words.        e.g.  list red blue gold pink teal
-# Response: items joined by `and`, then <eos>.        e.g.  gold and red and teal <eos>
+# Prompt:   `list` + 2 to 8 distinct colour words.   e.g.  list red blue gold
+# Response: items joined by `and`, then <eos>.        e.g.  gold and red and blue <eos>
 # Gold reward = (distinct prompt items named) - (mistakes), where a mistake is a repeated item,
 # an item not in the prompt, or an `and` that does not stand between two items.
-# The reference answers name 1-5 of the items and are almost always well formed, so on SFT
-# samples "more words" and "more `and`s" go with "more gold": cheap features that a reward model
-# learns and that PPO can push past the point where every extra word is a mistake.
+# The reference answers name all or nearly all of the items and are almost never wrong, so on
+# SFT samples a longer answer is a better answer. Whether "longer" is still "better" depends on
+# how many items the prompt has (a relation between prompt and response that a small reward
+# model learns poorly), while length itself is a cheap feature: PPO can lengthen the answer to
+# a short prompt with repeats, which the proxy RM likes and the gold reward punishes.
 # ----------------------------------------------------------------------------------------------
 ITEMS = ("red", "blue", "green", "gold", "pink", "gray", "teal", "navy",
          "lime", "plum", "rose", "sand", "jade", "ruby", "mint", "rust")
 PAD, EOS, UNK, LIST, AND = "<pad>", "<eos>", "<unk>", "list", "and"
-ITEMS_PER_PROMPT = 5
-RESPONSE_LEN = 16            # max new tokens (a full answer takes 9 words + <eos>)
-# P(number of items in a reference answer = 1, 2, ..., 5)
-REFERENCE_LENGTH_PROBS = (0.15, 0.2, 0.25, 0.25, 0.15)
-REFERENCE_MISTAKE_PROB = 0.05  # chance that a reference item is replaced by a random colour
+PROMPT_SIZES = range(2, 9)   # items in a prompt
+RESPONSE_LEN = 16            # max new tokens: 8 items, 7 `and`s and <eos>
+REFERENCE_SHORTFALL_PROBS = (0.5, 0.3, 0.2)   # P(reference names all items, all but 1, all but 2)
+REFERENCE_MISTAKE_PROB = 0.03  # chance that a reference item is replaced by a random colour
 NO_EOS_GOLD = -1.0           # gold reward of a response that never ends (mirrors PPO's -1 score)
 
 
+@functools.lru_cache(maxsize=2)
 def _item_sets(held_out: bool) -> list[tuple[str, ...]]:
-    """All 5-item sets, split once and for all: every 10th set is held out for evaluation."""
-    sets = list(itertools.combinations(ITEMS, ITEMS_PER_PROMPT))
+    """All item sets of every prompt size, split once and for all: every 10th set is held out."""
+    sets = [s for k in PROMPT_SIZES for s in itertools.combinations(ITEMS, k)]
     return [s for i, s in enumerate(sets) if (i % 10 == 0) == held_out]
 
 
 def make_prompts(n: int, seed: int, held_out: bool = False) -> list[str]:
-    """n prompt strings `list a b c d e` (items in random order) from the train or held-out sets."""
+    """n prompt strings `list a b ...`: a uniform prompt size, then a set, in random order."""
     rng = random.Random(seed)
-    sets = _item_sets(held_out)
+    by_size = {k: [s for s in _item_sets(held_out) if len(s) == k] for k in PROMPT_SIZES}
     prompts = []
     for _ in range(n):
-        items = list(rng.choice(sets))
+        items = list(rng.choice(by_size[rng.choice(PROMPT_SIZES)]))
         rng.shuffle(items)
         prompts.append(" ".join([LIST] + items))
     return prompts
@@ -116,11 +119,11 @@ def eval_prompts(n: int = 512) -> list[str]:
 
 
 def reference_response(prompt: str, rng: random.Random) -> str:
-    """A human-like reference answer: names some of the items, rarely with a wrong one."""
+    """A human-like reference answer: (nearly) all of the items, rarely with a wrong one."""
     items = prompt.split()[1:]
-    n = rng.choices(range(1, len(REFERENCE_LENGTH_PROBS) + 1), weights=REFERENCE_LENGTH_PROBS)[0]
-    words = rng.sample(items, n)
-    for i in range(n):
+    shortfall = rng.choices(range(len(REFERENCE_SHORTFALL_PROBS)), weights=REFERENCE_SHORTFALL_PROBS)[0]
+    words = rng.sample(items, max(1, len(items) - shortfall))
+    for i in range(len(words)):
         if rng.random() < REFERENCE_MISTAKE_PROB:
             words[i] = rng.choice(ITEMS)        # may be off-prompt or a repeat
     return f" {AND} ".join(words)
@@ -169,7 +172,10 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise StageError("--device cuda was asked for but this machine has no CUDA; use --device cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise StageError(f"unknown --device {name!r}; use auto, cpu or cuda") from None
 
 
 def autocast(device: torch.device):
@@ -367,6 +373,19 @@ def check_same_tokenizer(tok_a, tok_b, name_a: str, name_b: str) -> None:
             or tok_a.eos_token_id != tok_b.eos_token_id):
         raise StageError(f"{name_a} and {name_b} use different tokenizers; train both from the "
                          f"same SFT checkpoint")
+
+
+def check_output(out: str | Path) -> None:
+    """Fail before any work if `out` exists or could not be created (checked again on writing)."""
+    out = Path(out)
+    if out.exists():
+        raise StageError(f"{out} already exists; delete it to redo this stage")
+    parent = out.parent
+    while not parent.exists():                 # the nearest ancestor that is already there
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise StageError(f"cannot write the output directory {out}: {parent} is not a writable "
+                         f"directory")
 
 
 @contextlib.contextmanager

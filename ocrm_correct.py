@@ -104,6 +104,7 @@ def weight_diagnostics(w) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    C.check_output(args.out)
     device = C.pick_device(args.device)
     start = time.time()
     data = RM.load_preferences(args.prefs)

@@ -71,6 +71,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.updates <= 0 or args.batch_size <= 0 or args.eval_every <= 0:
         raise C.StageError("--updates, --batch_size and --eval_every must be positive")
+    if args.minibatches <= 0 or args.ppo_epochs <= 0:
+        raise C.StageError("--minibatches and --ppo_epochs must be positive")
     if args.batch_size % args.minibatches:
         raise C.StageError("--batch_size must be divisible by --minibatches")
     return args
@@ -164,6 +166,7 @@ def evaluate(policy, sft, rm, tokenizer, prompts, query, args, temperature, seed
 
 def main(argv=None):
     args = parse_args(argv)
+    C.check_output(args.out)
     device = C.pick_device(args.device)
     C.set_seed(args.seed)
     start = time.time()

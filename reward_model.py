@@ -232,6 +232,7 @@ def save_reward_model(rm, tokenizer, info: dict, out) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
+    C.check_output(args.out)
     device = C.pick_device(args.device)
     start = time.time()
     C.load_policy(args.sft, "cpu")                                  # fail early with a clear message

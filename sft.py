@@ -43,6 +43,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if min(args.num_examples, args.epochs, args.batch_size) <= 0:
         raise C.StageError("--num_examples, --epochs and --batch_size must be positive")
+    if args.num_examples < args.batch_size:
+        raise C.StageError(f"--num_examples ({args.num_examples}) must be at least --batch_size "
+                           f"({args.batch_size})")
     return args
 
 
@@ -58,6 +61,7 @@ def build_model(tokenizer, args) -> GPT2LMHeadModel:
 
 def main(argv=None):
     args = parse_args(argv)
+    C.check_output(args.out)
     device = C.pick_device(args.device)
     C.set_seed(args.seed)
     start = time.time()
