@@ -15,7 +15,9 @@ reward_model.py's own fit, so the only difference from RM_1 is the weights.
 
 In : --policy (pi_k, from ppo.py), --sft, --prefs (from reward_model.py)
 Out: --weights_out  the prefs columns + logp_policy_chosen/rejected + weight (save_to_disk),
-                    with settings.json (alpha, lam, normalize, clip) and the diagnostics
+                    with settings.json (alpha, lam, normalize, clip) and the diagnostics;
+                    if it already exists (an interrupted earlier call), it is reused when it was
+                    made from the same --policy with the same settings, and is an error otherwise
      --out          the corrected RM (same format as reward_model.py's)
 
     python ocrm_correct.py --policy runs/toy-seed1/ocrm/round_1 --sft runs/toy-seed1/sft \\
@@ -102,6 +104,19 @@ def weight_diagnostics(w) -> dict:
             "histogram_log10": {"edges": edges.tolist(), "counts": counts.long().tolist()}}
 
 
+def check_reusable(weights_dir: Path, settings: dict) -> None:
+    """Weights left by an interrupted call are reused only if made from the same policy, the same way."""
+    file = weights_dir / "settings.json"
+    saved = json.loads(file.read_text()) if file.is_file() else {}
+    differ = [k for k, v in settings.items() if k != "policy" and saved.get(k) != v]
+    if "policy" not in saved or Path(saved["policy"]).resolve() != Path(settings["policy"]).resolve():
+        differ.append("policy")
+    if differ:
+        raise C.StageError(f"{weights_dir} holds weights made with another "
+                           f"{', '.join(f'{k} ({saved.get(k)})' for k in differ)}; delete it to "
+                           f"recompute them")
+
+
 def main(argv=None):
     args = parse_args(argv)
     C.check_output(args.out)
@@ -112,8 +127,11 @@ def main(argv=None):
     _, sft_tok = C.load_policy(args.sft, "cpu")
     C.check_same_tokenizer(tokenizer, sft_tok, args.policy, args.sft)
     weights_dir = Path(args.weights_out)
+    settings = {"alpha": args.alpha, "lam": args.lam, "normalize": bool(args.normalize),
+                "clip": args.clip, "policy": str(args.policy)}
 
     if weights_dir.exists():   # finished in an earlier, interrupted call: reuse, never recompute
+        check_reusable(weights_dir, settings)
         data = datasets.load_from_disk(str(weights_dir))
         print(f"ocrm: reusing the weights in {weights_dir}")
     else:
@@ -134,9 +152,7 @@ def main(argv=None):
         data = (data.add_column("logp_policy_chosen", logp["chosen"].tolist())
                     .add_column("logp_policy_rejected", logp["rejected"].tolist())
                     .add_column("weight", w.tolist()))
-        settings = {"alpha": args.alpha, "lam": args.lam, "normalize": bool(args.normalize),
-                    "clip": args.clip, "policy": str(args.policy),
-                    "diagnostics": weight_diagnostics(w)}
+        settings["diagnostics"] = weight_diagnostics(w)
         with C.atomic_output(weights_dir) as tmp:
             data.save_to_disk(str(tmp))
             C.write_json(tmp / "settings.json", settings)

@@ -147,11 +147,11 @@ def score_responses(rm, query, response, pad, eos, no_eos_score):
 
 
 @torch.inference_mode()
-def evaluate(policy, sft, rm, tokenizer, prompts, query, args, temperature, seed=0):
+def evaluate(policy, sft, rm, tokenizer, prompts, query, args, temperature, update, seed=0):
     """Gold, proxy and KL to SFT of `policy` on the held-out prompts (fixed sampling seed)."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     gen = torch.Generator(device=query.device).manual_seed(seed)
-    response, logp = C.sample(policy, query, pad, eos, C.RESPONSE_LEN, temperature, gen)
+    response, logp = C.sample(policy, query, pad, eos, C.RESPONSE_LEN, temperature, gen, "ppo", update)
     texts, ended = C.decode_responses(tokenizer, response, eos)
     mask = C.response_mask(response, eos)
     logp_sft = C.gather_logprobs(C.response_logits(sft, query, response, pad, eos, temperature),
@@ -195,7 +195,8 @@ def main(argv=None):
     metrics, curve = [], []
 
     def eval_point(update):
-        stats, *_ = evaluate(policy, sft, rm, tokenizer, ev_prompts, ev_query, args, args.temperature)
+        stats, *_ = evaluate(policy, sft, rm, tokenizer, ev_prompts, ev_query, args, args.temperature,
+                             update)
         curve.append({"update": update, "episodes": update * B, **stats})
 
     eval_point(0)
@@ -208,7 +209,8 @@ def main(argv=None):
         # 1. rollout at T = 0.7; log pi_old comes with the samples
         policy.eval()
         value_model.eval()
-        response, logp_old = C.sample(policy, query, pad, eos, C.RESPONSE_LEN, args.temperature, gen)
+        response, logp_old = C.sample(policy, query, pad, eos, C.RESPONSE_LEN, args.temperature, gen,
+                                      "ppo", update)
         mask = C.response_mask(response, eos).float()                               # (B, R)
 
         # 2. score the rollout with the frozen models and the value model
@@ -223,12 +225,15 @@ def main(argv=None):
             values_old = token_values(value_model, query, response, pad, eos) * mask   # (B, R)
         score = score_responses(rm, query, response, pad, eos, args.no_eos_score)  # (B,)
         C.check_finite(score, "reward", "ppo", update)
+        C.check_finite(values_old, "value", "ppo", update)
 
         # 3. per-token rewards: KL penalty on every real token, RM score on the last one
         rewards = token_rewards(logp_old, logp_ref, score, mask, args.beta)
+        C.check_finite(rewards, "KL penalty", "ppo", update)      # the score is finite by now
         # 4. advantages and returns
         advantages, returns = gae(rewards, values_old, mask, args.gamma, args.gae_lambda)
         advantages = masked_whiten(advantages, mask)
+        C.check_finite(advantages, "advantage", "ppo", update)
 
         # 5. PPO epochs over minibatches
         policy.train()
@@ -282,9 +287,10 @@ def main(argv=None):
     policy.eval()
 
     # 7. final evaluation: near-greedy decode, gold win rate against the SFT policy
-    final, resp, texts, _ = evaluate(policy, sft, rm, tokenizer, ev_prompts, ev_query, args, 0.01)
+    final, resp, texts, _ = evaluate(policy, sft, rm, tokenizer, ev_prompts, ev_query, args, 0.01,
+                                     args.updates)
     sft_final, _, sft_texts, sft_ended = evaluate(sft, sft, rm, tokenizer, ev_prompts, ev_query,
-                                                  args, 0.01)
+                                                  args, 0.01, args.updates)
     gold_policy = C.gold_rewards(ev_prompts, texts, C.has_eos(resp, eos).tolist())
     gold_sft = C.gold_rewards(ev_prompts, sft_texts, sft_ended)
     final["win_rate_vs_sft"] = ((gold_policy > gold_sft).float() + 0.5 * (gold_policy == gold_sft).float()).mean().item()

@@ -8,6 +8,7 @@ weights dataset, the *_info.json timings) and stitches each arm's rounds into on
 """
 import argparse
 import json
+import os
 from pathlib import Path
 
 import common as C
@@ -140,13 +141,20 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write_atomically(path: Path, write) -> None:
+    """write(tmp) under a hidden name, then rename: a killed run never leaves half a report."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def main(argv=None):
     args = parse_args(argv)
     run_dir = Path(args.run_dir)
     report = build_report(run_dir, args.rounds, args.seed)
-    C.write_json(run_dir / "report.json", report)
-    (run_dir / "report.md").write_text(markdown(report))
-    plot(report, run_dir / "curves.png")
+    write_atomically(run_dir / "report.json", lambda tmp: C.write_json(tmp, report))
+    write_atomically(run_dir / "report.md", lambda tmp: tmp.write_text(markdown(report)))
+    write_atomically(run_dir / "curves.png", lambda tmp: plot(report, tmp))
     print(markdown(report))
 
 

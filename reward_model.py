@@ -82,7 +82,8 @@ def make_preferences(sft_dir, out, num_pairs: int, label: str, seed: int, device
     responses, logps = [], []
     for i in tqdm(range(0, num_pairs, 512), desc="sample pairs", mininterval=2):
         q = query[i:i + 512]
-        pair = [C.sample(policy, q, pad, eos, C.RESPONSE_LEN, 1.0, gen)[0] for _ in range(2)]
+        pair = [C.sample(policy, q, pad, eos, C.RESPONSE_LEN, 1.0, gen, stage="reward_model")[0]
+                for _ in range(2)]
         responses.append(torch.stack(pair, dim=1))                             # (b, 2, R)
         # l_sft through the same function ocrm_correct.py uses for l_k (same code path, float32)
         logps.append(torch.stack([C.sequence_logprobs(policy, q, r, pad, eos, 1.0) for r in pair], 1))
@@ -181,25 +182,24 @@ def fit_reward_model(sft_dir, data: datasets.Dataset, args, device, weight=None)
     total = steps_per_epoch * args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / total)
     rm.train()
-    bar = tqdm(total=total, desc="reward model", mininterval=2)
-    for epoch in range(args.epochs):
-        order = train_idx[torch.randperm(len(train_idx))]
-        for step in range(steps_per_epoch):
-            idx = order[step * args.batch_size:(step + 1) * args.batch_size].to(device)
-            q = query[idx]
-            with C.autocast(device):   # one forward for both responses of every pair: (2B,)
-                scores = C.reward_scores(rm, torch.cat([q, q]), torch.cat([chosen[idx], rejected[idx]]),
-                                         pad, eos)
-            score_c, score_r = scores.chunk(2)
-            loss = bt_loss(score_c, score_r, weight[idx])
-            C.check_finite(loss, "loss", "reward_model", epoch * steps_per_epoch + step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    bar.close()
+    with tqdm(total=total, desc="reward model", mininterval=2) as bar:   # closed before any error
+        for epoch in range(args.epochs):
+            order = train_idx[torch.randperm(len(train_idx))]
+            for step in range(steps_per_epoch):
+                idx = order[step * args.batch_size:(step + 1) * args.batch_size].to(device)
+                q = query[idx]
+                with C.autocast(device):   # one forward for both responses of every pair: (2B,)
+                    scores = C.reward_scores(rm, torch.cat([q, q]),
+                                             torch.cat([chosen[idx], rejected[idx]]), pad, eos)
+                score_c, score_r = scores.chunk(2)
+                loss = bt_loss(score_c, score_r, weight[idx])
+                C.check_finite(loss, "loss", "reward_model", epoch * steps_per_epoch + step + 1)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     rm.eval()
 
     # 4. centre on held-out reference responses: bias = mean_x r(x, y_ref)

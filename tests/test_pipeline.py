@@ -1,8 +1,9 @@
-"""The whole pipeline on a tiny budget: the run-directory contract, resuming, determinism and
-one-line errors for bad inputs.
+"""The whole pipeline on a tiny budget: the run-directory contract, resuming (also after a
+SIGKILL), determinism, one-line errors for bad inputs and for NaN/inf, and safe loading.
 
 One module-scoped run of `run_all.sh` (2 rounds, 2 PPO updates of 8 episodes per round) is
-shared by every test here; it takes about a minute on a free CPU core. Run with
+shared by every test here; it takes about a minute on a free CPU core. It is also the reference
+that a second run, killed four times and resumed, must reproduce (about one more minute). Run with
 
     python -m pytest tests/test_pipeline.py -q
 
@@ -10,12 +11,12 @@ Every subprocess gets OMP_NUM_THREADS=1: the runs are tiny, and two torch thread
 over a shared 2-core machine make PPO ~10x slower. The runs are deterministic under that setting
 (CPU, one thread), which several tests below rely on.
 
-The bad-input cases fail in a fraction of a second once torch and transformers are imported, but
-a fresh interpreter spends ~5 s importing them. So most of those cases run each stage script in a
-forked copy of this (already importing) test process, via `runpy`, and read the forked process's
-real exit code, stdout and stderr; an uncaught exception there prints its traceback to stderr and
-exits 1, as the interpreter would. Commands spelled with sys.executable or bash run as ordinary
-subprocesses.
+The bad-input and numerical-fault cases fail in a fraction of a second once torch and
+transformers are imported, but a fresh interpreter spends ~5 s importing them. So most of those
+cases run each stage script in a forked copy of this (already importing) test process, via
+`runpy`, and read the forked process's real exit code, stdout and stderr; an uncaught exception
+there prints its traceback to stderr and exits 1, as the interpreter would. Commands spelled with
+sys.executable or bash run as ordinary subprocesses.
 """
 import json
 import math
@@ -23,16 +24,21 @@ import multiprocessing
 import os
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import common as C
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -316,6 +322,157 @@ def test_interrupted_stage_is_redone_and_nothing_else(run, tmp_path):
         [without(r, "episodes_per_second") for r in original]
 
 
+# Killing the run: SIGKILL to run_all.sh's whole process group (bash and the running stage) at
+# four points, a rerun after each, and at the end the report of the uninterrupted run.
+#
+# Everything a stage writes, in the order the run finishes them (prefs and weights_k are saved
+# inside the rm_1 and ocrm/rm_k stages, before those stages fit their reward models).
+OUTPUTS = ["sft", "prefs", "rm_1", "ppo_1", "standard_rlhf/round_2", "ppo_new_kl/round_2",
+           "ocrm/weights_2", "ocrm/rm_2", "ocrm/round_2"]
+# Files whose bytes hold wall-clock times; every other file of a run is byte-identical on CPU.
+TIMED_FILES = {"sft_info.json", "rm_info.json", "ppo_info.json", "metrics.jsonl", "report.json",
+               "report.md", "curves.png"}
+# Imported at start-up by every Python process of a run that is about to be killed (it is put on
+# PYTHONPATH): the stage that would rename `.NAME.tmp` to the output HOLD_BEFORE_RENAME names
+# sleeps instead. The test can then kill the run while `.NAME.tmp` is there (without the hold the
+# rename follows the last write within ~5 ms), and a slow test cannot let that stage finish first.
+HOLD_BEFORE_RENAME = """\
+import os, time
+_held = os.environ.get("HOLD_BEFORE_RENAME")
+if _held:
+    _replace = os.replace
+    def _replace_after_a_hold(src, dst, *args, **kwargs):
+        if os.path.abspath(src) == _held:
+            time.sleep(600)
+        return _replace(src, dst, *args, **kwargs)
+    os.replace = _replace_after_a_hold
+"""
+# (where the run is killed, when: the run dir and stdout lines so far -> bool, the output whose
+# rename is held, how many of OUTPUTS are finished once the run is dead)
+KILL_POINTS = [
+    ("inside sft.py, while .sft.tmp is being written",
+     lambda d, lines: (d / ".sft.tmp").is_dir(), "sft", 0),
+    ("inside reward_model.py: pairs saved, RM_1 being fitted",
+     lambda d, lines: any(line.startswith("prefs: ") for line in lines), "rm_1", 2),
+    ("between stages: run_all.sh has just announced standard_rlhf/round_2",
+     lambda d, lines: f"== {d / 'standard_rlhf/round_2'}" in lines, "standard_rlhf/round_2", 4),
+    ("inside ocrm_correct.py: weights saved, RM_2 being fitted",
+     lambda d, lines: any(line.startswith("ocrm: weights ESS") for line in lines), "ocrm/rm_2", 7),
+]
+
+
+def tmp_of(run_dir: Path, output: str) -> Path:
+    """Where common.atomic_output writes `output` before renaming it."""
+    return (run_dir / output).parent / f".{Path(output).name}.tmp"
+
+
+def visible_files(run_dir: Path) -> set[Path]:
+    """Every file of the run dir, relative, except those under a hidden (`.`) name."""
+    return {p.relative_to(run_dir) for p in run_dir.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(run_dir).parts)}
+
+
+def hidden_entries(run_dir: Path) -> set[Path]:
+    return {p.relative_to(run_dir) for p in run_dir.rglob(".*")}
+
+
+def expected_stage_lines(run_dir: Path, finished: list[str]) -> list[str]:
+    """The `== ` lines run_all.sh prints when the outputs `finished` are already on disk."""
+    return [f"== skip {run_dir / s} (finished)" if s in finished else f"== {run_dir / s}"
+            for s in STAGES]
+
+
+def run_all_until_killed(run_dir: Path, kill_when, hold: str, hook_dir: Path, log: Path) -> list[str]:
+    """run_all.sh in a process group of its own until `kill_when` holds, then SIGKILL the whole
+    group; returns the stdout lines read by then (the stage holds back renaming `hold`)."""
+    env = {**BASE_ENV, **PIPELINE_ENV, "RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(hook_dir), os.environ.get("PYTHONPATH")])),
+           "HOLD_BEFORE_RENAME": str(tmp_of(run_dir, hold))}
+    with open(log, "a") as stderr:
+        proc = subprocess.Popen(["bash", "run_all.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=stderr, text=True, start_new_session=True)
+    lines = []
+
+    def read_stdout():
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+
+    reader = threading.Thread(target=read_stdout)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not kill_when(run_dir, list(lines)):
+            if proc.poll() is not None:
+                pytest.fail(f"run_all.sh ended (exit {proc.returncode}) before it could be killed; "
+                            f"stdout:\n" + "\n".join(lines) + f"\nstderr:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("the kill point was not reached within 300 s")
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        reader.join()
+    assert proc.returncode == -signal.SIGKILL
+    for _ in range(500):                  # the stage process too is gone, so nothing writes on
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.01)
+    else:
+        pytest.fail("a process of the killed run is still alive")
+    return lines
+
+
+def assert_same_files(run_dir: Path, reference: Path, files: set[Path]) -> None:
+    """`files` of run_dir have the bytes of the uninterrupted run's, timings and the run
+    directory's own name (settings.json records the policy's path) aside."""
+    for f in sorted(files):
+        if f.name not in TIMED_FILES:
+            ours = (run_dir / f).read_bytes().replace(str(run_dir).encode(), str(reference).encode())
+            assert ours == (reference / f).read_bytes(), f"{f} differs"
+
+
+def test_run_killed_at_any_point_resumes_to_the_uninterrupted_report(run, tmp_path):
+    """SIGKILL the whole run at four points (inside a stage's write, inside a stage after it saved
+    an intermediate output, between stages) and rerun it each time. After every kill, each output
+    that is visible is complete and byte-identical to the uninterrupted run's, and the rest is at
+    most a hidden `.NAME.tmp`; every rerun skips what is finished and reuses the saved pairs and
+    weights; the finished run reports exactly the numbers of the uninterrupted one."""
+    run_dir, hook_dir, log = tmp_path / "run", tmp_path / "hook", tmp_path / "stderr.log"
+    hook_dir.mkdir()
+    (hook_dir / "sitecustomize.py").write_text(HOLD_BEFORE_RENAME)
+    reference_files = visible_files(run.dir)
+    finished: list[str] = []
+    for where, kill_when, hold, n_finished in KILL_POINTS:
+        lines = run_all_until_killed(run_dir, kill_when, hold, hook_dir, log)
+        stage_lines = [line for line in lines if line.startswith("== ")]
+        assert stage_lines == expected_stage_lines(run_dir, finished)[:len(stage_lines)], where
+        if "prefs" in finished:
+            assert not any(line.startswith("prefs: ") for line in lines), "the pairs were redone"
+
+        finished = OUTPUTS[:n_finished]
+        files = visible_files(run_dir)
+        assert files == {f for f in reference_files if any(f.is_relative_to(o) for o in finished)}, \
+            f"killed {where}: visible files are not exactly those of the finished outputs"
+        assert_same_files(run_dir, run.dir, files)
+        assert hidden_entries(run_dir) <= {tmp_of(run_dir, hold).relative_to(run_dir)}, where
+        if hold == "sft":
+            assert tmp_of(run_dir, "sft").is_dir()
+
+    proc = run_all(run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stage_lines = [line for line in proc.stdout.splitlines() if line.startswith("== ")]
+    assert stage_lines == expected_stage_lines(run_dir, finished)
+    assert f"ocrm: reusing the weights in {run_dir / 'ocrm' / 'weights_2'}" in proc.stdout
+    assert visible_files(run_dir) == reference_files
+    assert_same_files(run_dir, run.dir, reference_files)
+    assert hidden_entries(run_dir) == set(), "a stale .NAME.tmp survived the finished run"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert without(report, "seconds") == without(run.report, "seconds")
+    assert set(report["seconds"]) == set(run.report["seconds"])
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. Determinism: same seed and inputs, same bytes and the same metrics
 # ----------------------------------------------------------------------------------------------
@@ -358,8 +515,8 @@ TINY_PPO = ["--device", "cpu", "--updates", "2", "--batch_size", "8", "--eval_ev
             "--eval_prompts", "32"]
 
 
-def ppo_cmd(run_dir, tmp, init=None, reward_model=None, out=None):
-    return ["ppo.py", "--init", init or run_dir / "sft", "--kl_ref", run_dir / "sft",
+def ppo_cmd(run_dir, tmp, init=None, reward_model=None, out=None, kl_ref=None):
+    return ["ppo.py", "--init", init or run_dir / "sft", "--kl_ref", kl_ref or run_dir / "sft",
             "--sft", run_dir / "sft", "--reward_model", reward_model or run_dir / "rm_1",
             "--out", out or tmp / "out", *TINY_PPO]
 
@@ -369,10 +526,10 @@ def rm_cmd(run_dir, tmp, sft=None, prefs=None):
             "--out", tmp / "out", "--device", "cpu", "--num_pairs", "16", "--epochs", "1"]
 
 
-def ocrm_cmd(run_dir, tmp, *flags):
-    return ["ocrm_correct.py", "--policy", run_dir / "ppo_1", "--sft", run_dir / "sft",
-            "--prefs", run_dir / "prefs", "--weights_out", tmp / "weights", "--out", tmp / "out",
-            "--device", "cpu", "--epochs", "1", *flags]
+def ocrm_cmd(run_dir, tmp, *flags, policy=None, prefs=None):
+    return ["ocrm_correct.py", "--policy", policy or run_dir / "ppo_1", "--sft", run_dir / "sft",
+            "--prefs", prefs or run_dir / "prefs", "--weights_out", tmp / "weights",
+            "--out", tmp / "out", "--device", "cpu", "--epochs", "1", *flags]
 
 
 def copy_rm(run_dir, tmp) -> Path:
@@ -394,11 +551,26 @@ def rm_with_other_tokenizer(run_dir, tmp):
     return rm
 
 
+class RunsCodeWhenUnpickled:
+    """Unpickling this runs code (here: it creates the file `marker`), as a malicious
+    pytorch_model.bin could; torch.load(weights_only=True) refuses it."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
 def pickle_policy(run_dir, tmp):
-    path = tmp / "pickle_policy"
+    """The SFT weights as a pickle (no safetensors), booby-trapped: had anything unpickled it,
+    the file `unpickled` would appear in the work dir, which the test forbids."""
+    path = tmp / "bin_policy"       # (a name that does not itself say "pickle")
     path.mkdir()
     shutil.copy(run_dir / "sft" / "config.json", path)
-    torch.save(load_file(run_dir / "sft" / "model.safetensors"), path / "pytorch_model.bin")
+    weights = load_file(run_dir / "sft" / "model.safetensors")
+    torch.save({**weights, "trap": RunsCodeWhenUnpickled(tmp / "unpickled")},
+               path / "pytorch_model.bin")
     return path
 
 
@@ -432,6 +604,14 @@ def existing_dir(tmp):
     return tmp / "out"
 
 
+def ocrm_with_earlier_weights_and_another_lam(run_dir, tmp):
+    """ocrm_correct.py whose --weights_out already holds the run's weights_2 (as an interrupted
+    call leaves it), asked for a different --lam than those weights were made with."""
+    weights = Path(shutil.copytree(run_dir / "ocrm" / "weights_2", tmp / "weights"))
+    lam = json.loads((weights / "settings.json").read_text())["lam"]
+    return ocrm_cmd(run_dir, tmp, "--lam", str(lam + 1.0))
+
+
 # name -> (what the message must mention, a function (run_dir, tmp) -> command). A command that
 # starts with a script name runs forked, with sys.executable or bash as a real subprocess; a
 # trailing dict on a bash command is its environment.
@@ -458,7 +638,7 @@ BAD_INPUTS = {
                                    lambda r, t: ppo_cmd(r, t, reward_model=truncated_rm(r, t))),
     "ppo_reward_model_other_tokenizer": ("tokenizer", lambda r, t: ppo_cmd(
         r, t, reward_model=rm_with_other_tokenizer(r, t))),
-    "ppo_init_pickle_checkpoint": ("pickle",
+    "ppo_init_pickle_checkpoint": ("holds a pickle checkpoint",
                                    lambda r, t: ppo_cmd(r, t, init=pickle_policy(r, t))),
     # beyond the list in the task: inputs a user can easily get wrong
     "ppo_out_exists": ("exists", lambda r, t: ppo_cmd(r, t, out=existing_dir(t))),
@@ -466,6 +646,8 @@ BAD_INPUTS = {
     "sft_fewer_examples_than_a_batch": ("", lambda r, t: [
         "sft.py", "--out", t / "out", "--device", "cpu", "--num_examples", "10"]),
     "sft_unknown_device": ("gpu", lambda r, t: ["sft.py", "--out", t / "out", "--device", "gpu"]),
+    # weights left by an interrupted call are reused only if they were made the same way
+    "ocrm_earlier_weights_other_lam": ("another lam", ocrm_with_earlier_weights_and_another_lam),
 }
 
 
@@ -491,3 +673,109 @@ def test_bad_input_fails_with_one_error_line_and_writes_nothing(run, tmp_path, c
         f"stderr is not one `error:` line:\n{proc.stderr[-3000:]}"
     assert must_mention.lower() in lines[0].lower(), lines[0]
     assert sorted(work.rglob("*")) == before, "the failed stage left files behind"
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Numerical faults: a NaN or inf stops the stage with one `error:` line naming the stage, the
+#    update and the quantity; exit code 2; nothing saved
+# ----------------------------------------------------------------------------------------------
+# One AdamW step moves every weight by about the learning rate, so after one step at 1e6 the next
+# forward pass overflows (checked by hand: the loss or logits are NaN from then on).
+HUGE_LR = ["--lr", "1e6"]
+
+
+def with_nan_tensor(checkpoint: Path, tmp: Path, tensor: str) -> Path:
+    """A copy of `checkpoint` whose weight `tensor` is all NaN."""
+    path = Path(shutil.copytree(checkpoint, tmp / f"{checkpoint.name}_nan"))
+    weights = load_file(path / "model.safetensors")
+    weights[tensor] = torch.full_like(weights[tensor], float("nan"))
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def prefs_with_nan(run_dir: Path, tmp: Path, column: str) -> Path:
+    """A copy of the run's pairs in which one pair's `column` is NaN (a missing column is added,
+    1 for every other pair)."""
+    data = datasets.load_from_disk(str(run_dir / "prefs"))
+    values = list(data[column]) if column in data.column_names else [1.0] * len(data)
+    values[3] = float("nan")
+    if column in data.column_names:
+        data = data.remove_columns(column)
+    path = tmp / "prefs_nan"
+    data.add_column(column, values).save_to_disk(str(path))
+    return path
+
+
+NAN_POLICY = "transformer.ln_f.weight"     # NaN in the last layer norm: every logit is NaN
+# name -> (stage, quantity, the update the error names (None: not an update), command)
+NUMERICAL_FAULTS = {
+    # two updates: the first loss comes from the initial weights, the second after a huge step
+    "sft_loss_after_a_huge_step": ("sft", "loss", 2, lambda r, t: [
+        "sft.py", "--out", t / "out", "--device", "cpu", "--num_examples", "128",
+        "--batch_size", "64", "--epochs", "1", *HUGE_LR]),
+    # two epochs, so at least two updates
+    "rm_loss_after_a_huge_step": ("reward_model", "loss", 2, lambda r, t: rm_cmd(
+        r, t, prefs=r / "prefs") + ["--epochs", "2", *HUGE_LR]),
+    "rm_weight_nan": ("reward_model", "weight", None,
+                      lambda r, t: rm_cmd(r, t, prefs=prefs_with_nan(r, t, "weight"))),
+    "rm_pairs_sampled_from_a_nan_policy": ("reward_model", "policy logits", None,
+                                           lambda r, t: rm_cmd(r, t, sft=with_nan_tensor(
+                                               r / "sft", t, NAN_POLICY))),
+    "ppo_reward_model_score_head_nan": ("ppo", "reward", 1, lambda r, t: ppo_cmd(
+        r, t, reward_model=with_nan_tensor(r / "rm_1", t, "score.weight"))),
+    "ppo_kl_reference_nan": ("ppo", "KL penalty", 1, lambda r, t: ppo_cmd(
+        r, t, kl_ref=with_nan_tensor(r / "ppo_1", t, NAN_POLICY))),
+    # two minibatches: the second one's loss follows one huge step
+    "ppo_loss_after_a_huge_step": ("ppo", "loss", 1, lambda r, t: ppo_cmd(r, t) + [
+        *HUGE_LR, "--minibatches", "2"]),
+    # one step per update: update 2 samples its rollout from the diverged policy
+    "ppo_rollout_after_a_huge_step": ("ppo", "policy logits", 2, lambda r, t: ppo_cmd(r, t) + [
+        *HUGE_LR, "--minibatches", "1", "--ppo_epochs", "1", "--eval_every", "100"]),
+    "ocrm_logp_sft_nan": ("ocrm_correct", "weight", None, lambda r, t: ocrm_cmd(
+        r, t, prefs=prefs_with_nan(r, t, "logp_sft_chosen"))),
+    "ocrm_policy_nan": ("ocrm_correct", "weight", None, lambda r, t: ocrm_cmd(
+        r, t, policy=with_nan_tensor(r / "ppo_1", t, NAN_POLICY))),
+}
+
+
+@pytest.mark.parametrize("case", list(NUMERICAL_FAULTS))
+def test_numerical_fault_stops_the_stage_and_saves_nothing(run, tmp_path, case):
+    stage, quantity, update, make_command = NUMERICAL_FAULTS[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    cmd = make_command(run.dir, work)
+    before = sorted(work.rglob("*"))
+    proc = run_forked(cmd, tmp_path / "child")
+
+    assert proc.returncode == 2, f"exit {proc.returncode}; stderr:\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # progress bars may come first, but the error is a line of its own (a log's `^error:`), last
+    lines = proc.stderr.rstrip("\n").split("\n")
+    assert sum("error:" in line for line in lines) == 1, proc.stderr[-3000:]
+    assert lines[-1].startswith(f"error: {stage}: non-finite {quantity}"), proc.stderr[-3000:]
+    if update is None:
+        assert " at update " not in lines[-1], lines[-1]
+    else:
+        assert f" at update {update};" in lines[-1], lines[-1]
+    assert sorted(work.rglob("*")) == before, "the failed stage saved something"
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Safe loading: weights come from safetensors only; nothing is ever unpickled
+# ----------------------------------------------------------------------------------------------
+def test_a_pickle_next_to_the_safetensors_is_never_unpickled(run, tmp_path):
+    """The policy and reward-model loaders read model.safetensors and leave a booby-trapped
+    pytorch_model.bin beside it alone."""
+    marker = tmp_path / "unpickled"
+    loaded = {}
+    for name, load in (("sft", C.load_policy), ("rm_1", C.load_reward_model)):
+        path = Path(shutil.copytree(run.dir / name, tmp_path / name))
+        torch.save({"trap": RunsCodeWhenUnpickled(marker)}, path / "pytorch_model.bin")
+        loaded[name], _ = load(path, "cpu")
+    assert not marker.exists(), "a loader unpickled pytorch_model.bin"
+    for name, model in loaded.items():
+        expected = load_file(run.dir / name / "model.safetensors")
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items()), name
+
+    torch.load(tmp_path / "sft" / "pytorch_model.bin", weights_only=False)   # the trap is real
+    assert marker.exists()
