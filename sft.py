@@ -13,7 +13,8 @@ Out: --out  a Hugging Face directory (config.json, model.safetensors, tokenizer 
     python sft.py --out runs/toy-seed1/sft --seed 1
 
 Departures: the authors fine-tune Pythia on TL;DR references; the embedded task needs a far
-larger learning rate (3e-3) because the model has ~100k parameters.
+larger learning rate (1e-3; 3e-3 diverged on the mixed-size task) because the model has
+~100k parameters.
 """
 import argparse
 import random
@@ -36,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--num_examples", type=int, default=20000, help="prompt/reference pairs")
     p.add_argument("--epochs", type=int, default=4, help="passes over the examples")
     p.add_argument("--batch_size", type=int, default=64, help="examples per step")
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate, linear decay to 0")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate, linear decay to 0")
     p.add_argument("--n_layer", type=int, default=2, help="transformer layers of the tiny GPT-2")
     p.add_argument("--n_embd", type=int, default=64, help="width of the tiny GPT-2")
     p.add_argument("--n_head", type=int, default=4, help="attention heads of the tiny GPT-2")
@@ -55,7 +56,9 @@ def build_model(tokenizer, args) -> GPT2LMHeadModel:
         vocab_size=len(tokenizer), n_positions=32, n_embd=args.n_embd, n_layer=args.n_layer,
         n_head=args.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id)
+        bos_token_id=tokenizer.eos_token_id,
+        # GPT-2's tanh GELU as one fused kernel (same function to 1e-7; ~14% faster PPO on CPU)
+        activation_function="gelu_pytorch_tanh")
     return GPT2LMHeadModel(config)
 
 
@@ -84,25 +87,24 @@ def main(argv=None):
 
     # 2. train: cross-entropy on the response tokens (EOS included), prompt and pads excluded
     model.train()
-    bar = tqdm(total=total, desc="sft", mininterval=2)
-    for epoch in range(args.epochs):
-        order = torch.randperm(args.num_examples)
-        for step in range(steps_per_epoch):
-            idx = order[step * args.batch_size:(step + 1) * args.batch_size]
-            q, r, m = query[idx], response[idx], mask[idx]
-            with C.autocast(device):
-                logits = C.response_logits(model, q, r, tokenizer.pad_token_id,
-                                           tokenizer.eos_token_id, temperature=1.0)  # (B, R, V)
-            nll = F.cross_entropy(logits.flatten(0, 1), r.flatten(), reduction="none")
-            loss = (nll * m.flatten()).sum() / m.sum()       # mean over real response tokens
-            C.check_finite(loss, "loss", "sft", epoch * steps_per_epoch + step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    bar.close()
+    with tqdm(total=total, desc="sft", mininterval=2) as bar:   # closed before any error line
+        for epoch in range(args.epochs):
+            order = torch.randperm(args.num_examples)
+            for step in range(steps_per_epoch):
+                idx = order[step * args.batch_size:(step + 1) * args.batch_size]
+                q, r, m = query[idx], response[idx], mask[idx]
+                with C.autocast(device):
+                    logits = C.response_logits(model, q, r, tokenizer.pad_token_id,
+                                               tokenizer.eos_token_id, temperature=1.0)  # (B, R, V)
+                nll = F.cross_entropy(logits.flatten(0, 1), r.flatten(), reduction="none")
+                loss = (nll * m.flatten()).sum() / m.sum()       # mean over real response tokens
+                C.check_finite(loss, "loss", "sft", epoch * steps_per_epoch + step + 1)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
 
     # 3. save a plain Hugging Face directory (safetensors) with the tokenizer beside it
