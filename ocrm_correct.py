@@ -54,6 +54,11 @@ def parse_args(argv=None):
     p.add_argument("--lam", type=float, default=0.1, help="tempering exponent on the ratio, >= 0")
     p.add_argument("--normalize", type=int, default=0, help="1: rescale weights to mean 1")
     p.add_argument("--clip", type=float, default=0.0, help="cap on each weight (0: no cap)")
+    p.add_argument("--reward_model_before", default=None,
+                   help="the RM the policy was trained against (RM_{k-1}); if given, its pairwise "
+                        "accuracy on fresh policy samples is reported next to the corrected RM's")
+    p.add_argument("--diag_prompts", type=int, default=1024,
+                   help="held-out prompts for that diagnostic (two samples each at T = 1.0)")
     RM.add_fit_args(p)
     args = p.parse_args(argv)
     if not 0.0 <= args.alpha < 1.0:
@@ -102,6 +107,31 @@ def weight_diagnostics(w) -> dict:
     return {"ess_fraction": effective_sample_size(w), "min": w.min().item(),
             "mean": w.mean().item(), "max": w.max().item(),
             "histogram_log10": {"edges": edges.tolist(), "counts": counts.long().tolist()}}
+
+
+@torch.inference_mode()
+def policy_pair_accuracy(rms: dict, policy, tokenizer, num_prompts: int, seed: int, device) -> dict:
+    """How well each RM ranks what the policy now produces: the error the correction targets.
+
+    Two fresh responses per held-out prompt from pi_k (T = 1.0), labelled by the gold reward;
+    accuracy = fraction of pairs with unequal gold where the RM orders them the same way
+    (a response without EOS scores -1, as in PPO).
+    """
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    prompts = C.eval_prompts(num_prompts)
+    query = C.encode_prompts(tokenizer, prompts).to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    pair = [C.sample(policy, query, pad, eos, C.RESPONSE_LEN, 1.0, gen, "ocrm_correct")[0]
+            for _ in range(2)]
+    gold = [C.gold_rewards(prompts, *C.decode_responses(tokenizer, r, eos)) for r in pair]
+    untied = gold[0] != gold[1]
+    out = {"num_untied_pairs": int(untied.sum())}
+    for name, rm in rms.items():
+        score = [torch.where(C.has_eos(r, eos), C.reward_scores(rm, query, r, pad, eos).cpu(),
+                             torch.tensor(-1.0)) for r in pair]
+        agree = (score[0] > score[1]) == (gold[0] > gold[1])
+        out[name] = agree[untied].float().mean().item()
+    return out
 
 
 def check_reusable(weights_dir: Path, settings: dict) -> None:
@@ -163,6 +193,15 @@ def main(argv=None):
 
     # c. refit from the SFT backbone with the weighted BT loss (reward_model.py's fit)
     rm, tok, info = RM.fit_reward_model(args.sft, data, args, device, weight=data["weight"])
+    # d. diagnostic: does the corrected RM rank the current policy's samples better?
+    if args.reward_model_before:
+        rm_before, tok_before = C.load_reward_model(args.reward_model_before, device)
+        C.check_same_tokenizer(tok, tok_before, args.out, args.reward_model_before)
+        acc = policy_pair_accuracy({"before": rm_before, "after": rm}, policy, tokenizer,
+                                   args.diag_prompts, args.seed, device)
+        info["policy_pair_accuracy"] = acc
+        print(f"ocrm: pairwise accuracy vs gold on {acc['num_untied_pairs']} fresh policy pairs: "
+              f"{acc['before']:.3f} before the correction, {acc['after']:.3f} after")
     info.update(args=vars(args), weights=diag, seconds=time.time() - start)
     RM.save_reward_model(rm, tok, info, args.out)
     print(f"ocrm: corrected RM held-out pair accuracy {info['heldout_accuracy']:.3f}, "

@@ -86,7 +86,9 @@ def build_report(run_dir: Path, rounds: int, seed: int) -> dict:
         weights.append({"round": k, "ess_fraction": d["ess_fraction"], "min": d["min"],
                         "mean": d["mean"], "max": d["max"], "alpha": settings["alpha"],
                         "lam": settings["lam"], "normalize": settings["normalize"],
-                        "clip": settings["clip"], "rm_heldout_accuracy": rm_info["heldout_accuracy"]})
+                        "clip": settings["clip"], "rm_heldout_accuracy": rm_info["heldout_accuracy"],
+                        # pairwise accuracy vs gold on fresh samples of the policy being corrected
+                        "policy_pair_accuracy": rm_info.get("policy_pair_accuracy")})
     rm_1 = json.loads((run_dir / "rm_1" / "rm_info.json").read_text())
     return {"seed": seed, "rounds": rounds, "arms": arms, "weights": weights,
             "rm_1_heldout_accuracy": rm_1["heldout_accuracy"],
@@ -107,11 +109,17 @@ def markdown(report: dict) -> str:
               f"episodes and ended at {o['final_gold']:.3f} (T = 0.7 samples); its proxy went "
               f"{o['proxy_at_peak']:.3f} -> {o['final_proxy']:.3f} over the same span.", "",
               f"RM_1 held-out pair accuracy: {report['rm_1_heldout_accuracy']:.3f}", "",
-              "| OCRM round | ESS / N | min w | mean w | max w | corrected RM held-out acc |",
-              "|---|---|---|---|---|---|"]
+              "Per OCRM round: the weights, and how well the RM ranks fresh pairs sampled from the "
+              "policy being corrected (accuracy vs gold, ties left out), before and after the refit.",
+              "",
+              "| OCRM round | ESS / N | min w | mean w | max w | held-out acc (SFT pairs) "
+              "| policy-pair acc before | after |",
+              "|---|---|---|---|---|---|---|---|"]
     for w in report["weights"]:
+        acc = w["policy_pair_accuracy"] or {}
+        before, after = (f"{acc[k]:.3f}" if k in acc else "-" for k in ("before", "after"))
         lines.append(f"| {w['round']} | {w['ess_fraction']:.3f} | {w['min']:.3g} | {w['mean']:.3g} "
-                     f"| {w['max']:.3g} | {w['rm_heldout_accuracy']:.3f} |")
+                     f"| {w['max']:.3g} | {w['rm_heldout_accuracy']:.3f} | {before} | {after} |")
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in report["seconds"].items()]
     return "\n".join(lines) + "\n"

@@ -72,7 +72,7 @@ ppo() {  # ppo OUT INIT KL_REF RM ROUND
 ppo "$RUN_DIR/ppo_1" "$sft" "$sft" "$rm_1" 1
 
 # 4. rounds 2..ROUNDS of the three arms, all starting from ppo_1
-prev_std=$RUN_DIR/ppo_1 prev_kl=$RUN_DIR/ppo_1 prev_ocrm=$RUN_DIR/ppo_1
+prev_std=$RUN_DIR/ppo_1 prev_kl=$RUN_DIR/ppo_1 prev_ocrm=$RUN_DIR/ppo_1 prev_rm=$rm_1
 for ((k = 2; k <= ROUNDS; k++)); do
   ppo "$RUN_DIR/standard_rlhf/round_$k" "$prev_std" "$sft" "$rm_1" "$k"
   prev_std=$RUN_DIR/standard_rlhf/round_$k
@@ -84,9 +84,10 @@ for ((k = 2; k <= ROUNDS; k++)); do
   # shellcheck disable=SC2086
   run_stage "$rm_k" "$PYTHON" ocrm_correct.py --policy "$prev_ocrm" --sft "$sft" \
     --prefs "$RUN_DIR/prefs" --weights_out "$RUN_DIR/ocrm/weights_$k" --out "$rm_k" \
+    --reward_model_before "$prev_rm" \
     "${common[@]}" $RM_ARGS $OCRM_ARGS
   ppo "$RUN_DIR/ocrm/round_$k" "$prev_ocrm" "$prev_ocrm" "$rm_k" "$k"
-  prev_ocrm=$RUN_DIR/ocrm/round_$k
+  prev_ocrm=$RUN_DIR/ocrm/round_$k prev_rm=$rm_k
 done
 
 # 5. report.json, report.md, curves.png (always rebuilt: cheap, and reflects what is on disk)

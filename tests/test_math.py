@@ -6,6 +6,7 @@ unpadded sequence, or a number worked out by hand in a comment. Run with
 
     python -m pytest tests/test_math.py -q
 """
+import copy
 import math
 import random
 
@@ -513,3 +514,63 @@ def test_sampled_logprobs_equal_a_full_forward(policy, ids, sample_query, temper
         prompt = [t for t in sample_query[b].tolist() if t != pad]
         expected = brute_force_logprobs(policy, prompt, response[b].tolist(), eos, temperature)
         np.testing.assert_allclose(logp[b, :len(expected)].double().numpy(), expected, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# 13. OCRM diagnostic: pairwise accuracy on fresh policy samples
+# ----------------------------------------------------------------------------------------------
+def brute_force_policy_pair_accuracy(rms, policy, tokenizer, num_prompts, seed):
+    """Each RM's accuracy vs gold on two T = 1.0 samples per held-out prompt, one prompt at a time.
+
+    The pairs come from common.sample with the diagnostic's generator seed (sampling is tested
+    above); everything after that is a Python loop over unpadded sequences: the words decoded by
+    hand for the gold reward, and a plain forward of the RM on prompt + response up to its EOS,
+    read at that EOS (minus the RM's reward_bias), or -1 for a response that never ends.
+    """
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    prompts = C.eval_prompts(num_prompts)
+    query = C.encode_prompts(tokenizer, prompts)
+    generator = torch.Generator().manual_seed(seed)
+    pair = [C.sample(policy, query, pad, eos, C.RESPONSE_LEN, 1.0, generator)[0].tolist()
+            for _ in range(2)]
+    agree = {name: 0 for name in rms}
+    untied = 0
+    for b, prompt in enumerate(prompts):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        gold, score = [], {name: [] for name in rms}
+        for response in (pair[0][b], pair[1][b]):
+            tokens = real_tokens(response, eos)
+            ended = tokens[-1] == eos
+            words = tokenizer.convert_ids_to_tokens([t for t in tokens if t != eos])
+            gold.append(C.gold_reward(prompt, " ".join(words), ended))
+            for name, rm in rms.items():
+                if not ended:
+                    score[name].append(-1.0)
+                    continue
+                with torch.no_grad():
+                    hidden = rm.base_model(input_ids=torch.tensor([prompt_ids + tokens])).last_hidden_state
+                    score[name].append(rm.score(hidden[0, -1]).item()
+                                       - getattr(rm.config, "reward_bias", 0.0))
+        if gold[0] == gold[1]:
+            continue                                     # a tie in gold has no right order
+        untied += 1
+        for name in rms:                                 # the RM orders the pair as gold does
+            agree[name] += (score[name][0] - score[name][1]) * (gold[0] - gold[1]) > 0
+    return {"num_untied_pairs": untied, **{name: agree[name] / untied for name in rms}}
+
+
+def test_policy_pair_accuracy_matches_a_per_prompt_loop(policy, tokenizer, reward_model):
+    """Two RMs that differ only in reward_bias: they rank two ended responses alike but an ended
+    one against a never-ending one (-1) differently, so the two accuracies must differ too."""
+    reward_model.config.reward_bias = 0.3
+    shifted = copy.deepcopy(reward_model)
+    shifted.config.reward_bias = 2.0
+    rms = {"before": reward_model, "after": shifted}
+    got = OC.policy_pair_accuracy(rms, policy, tokenizer, num_prompts=64, seed=5,
+                                  device=torch.device("cpu"))
+    expected = brute_force_policy_pair_accuracy(rms, policy, tokenizer, num_prompts=64, seed=5)
+    assert set(got) == {"num_untied_pairs", "before", "after"}
+    assert got["num_untied_pairs"] == expected["num_untied_pairs"] > 0
+    assert expected["before"] != expected["after"], "the -1 of a never-ending response is untested"
+    for name in rms:
+        assert got[name] == pytest.approx(expected[name], abs=1e-6), name

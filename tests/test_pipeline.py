@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common as C
+from test_math import brute_force_policy_pair_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -251,6 +252,30 @@ def test_report_has_every_arm_curve_weight_and_timing(run):
 
     assert (run.dir / "report.md").read_text().startswith("# OCRM run")
     assert (run.dir / "curves.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_has_policy_pair_accuracy_before_and_after_each_correction(run):
+    """Each OCRM round reports how RM_{k-1} and the corrected RM_k rank fresh pairs from pi_{k-1};
+    round 2's `before` (RM_1 on pi_1) is recomputed with the per-prompt loop of test_math."""
+    for w in run.report["weights"]:
+        acc = w["policy_pair_accuracy"]
+        assert set(acc) == {"num_untied_pairs", "before", "after"}, w["round"]
+        assert isinstance(acc["num_untied_pairs"], int) and acc["num_untied_pairs"] > 0
+        assert all(isinstance(acc[k], float) and 0.0 <= acc[k] <= 1.0 for k in ("before", "after"))
+        rm_info = json.loads((run.dir / "ocrm" / f"rm_{w['round']}" / "rm_info.json").read_text())
+        assert rm_info["policy_pair_accuracy"] == acc, w["round"]
+
+    rm_info = json.loads((run.dir / "ocrm" / "rm_2" / "rm_info.json").read_text())
+    args = rm_info["args"]
+    assert Path(args["policy"]) == run.dir / "ppo_1"
+    assert Path(args["reward_model_before"]) == run.dir / "rm_1"
+    rm_1, tokenizer = C.load_reward_model(run.dir / "rm_1", "cpu")
+    policy, _ = C.load_policy(run.dir / "ppo_1", "cpu")
+    expected = brute_force_policy_pair_accuracy({"before": rm_1}, policy, tokenizer,
+                                                args["diag_prompts"], args["seed"])
+    got = rm_info["policy_pair_accuracy"]
+    assert got["num_untied_pairs"] == expected["num_untied_pairs"]
+    assert got["before"] == pytest.approx(expected["before"], abs=1e-6)
 
 
 def test_every_ppo_stage_logs_every_metric_at_every_update(run):
