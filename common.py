@@ -64,32 +64,32 @@ def run_main(main):
         sys.exit(2)
 
 
-def check_finite(value: float | torch.Tensor, what: str, stage: str, step: int | str = "-") -> None:
+def check_finite(value: float | torch.Tensor, what: str, stage: str, step: int | None = None) -> None:
     """Stop the stage if a loss, reward or weight is NaN or inf (nothing non-finite is saved)."""
     t = torch.as_tensor(value)
     if not torch.isfinite(t).all():
-        raise StageError(f"{stage}: non-finite {what} at update {step}; lower the learning rate "
-                         f"or check the inputs")
+        at = "" if step is None else f" at update {step}"
+        raise StageError(f"{stage}: non-finite {what}{at}; lower the learning rate or check the "
+                         f"inputs")
 
 
 # ----------------------------------------------------------------------------------------------
 # The embedded task: "list the prompt's items".
 # Prompt:   `list` + 2 to 8 distinct colour words.   e.g.  list red blue gold
-# Response: items joined by `and`, then <eos>.        e.g.  gold and red and blue <eos>
+# Response: items joined by `and`, then <eos>.        e.g.  gold and red <eos>
 # Gold reward = (distinct prompt items named) - (mistakes), where a mistake is a repeated item,
 # an item not in the prompt, or an `and` that does not stand between two items.
-# The reference answers name all or nearly all of the items and are almost never wrong, so on
-# SFT samples a longer answer is a better answer. Whether "longer" is still "better" depends on
-# how many items the prompt has (a relation between prompt and response that a small reward
-# model learns poorly), while length itself is a cheap feature: PPO can lengthen the answer to
-# a short prompt with repeats, which the proxy RM likes and the gold reward punishes.
+# The reference answers name between one and all of the items, almost never wrongly, so on SFT
+# samples a longer answer is a better answer. Length is a cheap feature a reward model learns
+# at once; whether one more item is still good depends on how many the prompt has (a relation
+# between prompt and response that a small reward model learns poorly). PPO can lengthen the
+# answer to a short prompt with repeats, which the proxy RM likes and the gold reward punishes.
 # ----------------------------------------------------------------------------------------------
 ITEMS = ("red", "blue", "green", "gold", "pink", "gray", "teal", "navy",
          "lime", "plum", "rose", "sand", "jade", "ruby", "mint", "rust")
 PAD, EOS, UNK, LIST, AND = "<pad>", "<eos>", "<unk>", "list", "and"
 PROMPT_SIZES = range(2, 9)   # items in a prompt
 RESPONSE_LEN = 16            # max new tokens: 8 items, 7 `and`s and <eos>
-REFERENCE_SHORTFALL_PROBS = (0.5, 0.3, 0.2)   # P(reference names all items, all but 1, all but 2)
 REFERENCE_MISTAKE_PROB = 0.03  # chance that a reference item is replaced by a random colour
 NO_EOS_GOLD = -1.0           # gold reward of a response that never ends (mirrors PPO's -1 score)
 
@@ -119,10 +119,9 @@ def eval_prompts(n: int = 512) -> list[str]:
 
 
 def reference_response(prompt: str, rng: random.Random) -> str:
-    """A human-like reference answer: (nearly) all of the items, rarely with a wrong one."""
+    """A human-like reference answer: 1 to all of the items (uniform), rarely with a wrong one."""
     items = prompt.split()[1:]
-    shortfall = rng.choices(range(len(REFERENCE_SHORTFALL_PROBS)), weights=REFERENCE_SHORTFALL_PROBS)[0]
-    words = rng.sample(items, max(1, len(items) - shortfall))
+    words = rng.sample(items, rng.randint(1, len(items)))
     for i in range(len(words)):
         if rng.random() < REFERENCE_MISTAKE_PROB:
             words[i] = rng.choice(ITEMS)        # may be off-prompt or a repeat
@@ -273,11 +272,12 @@ def reward_scores(rm, query, response, pad_id, eos_id) -> torch.Tensor:
 
 @torch.no_grad()   # not inference_mode: PPO's losses use these log-probs next to autograd tensors
 def sample(model, query, pad_id, eos_id, max_new_tokens: int, temperature: float,
-           generator: torch.Generator):
+           generator: torch.Generator, stage: str = "sample", step: int | None = None):
     """Sample responses with a KV cache at temperature T, no early stop (fixed length).
 
     Returns response (B, R) with pad after the first EOS, and the per-token log-probs of the
     sampled tokens under softmax(logits / T), which PPO reuses as the rollout log-probs.
+    Non-finite logits (a diverged policy) stop `stage` with a one-line error naming `step`.
     """
     B = query.shape[0]
     mask = (query != pad_id).long()
@@ -285,6 +285,7 @@ def sample(model, query, pad_id, eos_id, max_new_tokens: int, temperature: float
     out = model(input_ids=query, attention_mask=mask, position_ids=pos, use_cache=True)
     tokens, logps = [], []
     for _ in range(max_new_tokens):
+        check_finite(out.logits[:, -1], "policy logits", stage, step)
         logp = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)   # (B, V)
         tok = torch.multinomial(logp.exp(), 1, generator=generator)                # (B, 1)
         tokens.append(tok)
@@ -294,7 +295,7 @@ def sample(model, query, pad_id, eos_id, max_new_tokens: int, temperature: float
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
         pos = pos[:, -1:] + 1
         out = model(input_ids=tok, attention_mask=mask, position_ids=pos,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    cache=out.cache, use_cache=True)   # transformers 5.x: `cache`, not past_key_values
     response = torch.cat(tokens, dim=1)
     logp = torch.cat(logps, dim=1)
     real = response_mask(response, eos_id)

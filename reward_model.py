@@ -22,6 +22,11 @@ Out: --prefs a `datasets` dataset (save_to_disk) with prompt, chosen, rejected, 
 
 Departures: the authors label with a gold RM on TL;DR; here gold is the task's program.
 Held-out accuracy is measured on a fixed 10% of the pairs that is never trained on.
+By default the SFT backbone is frozen and only the scalar head is fitted (--train_backbone 0), where
+the authors fine-tune the whole RM: a linear head on fixed features is a misspecified RM whose best
+fit depends on where the pairs lie, which is the situation OCRM addresses. On the embedded task a
+fully fine-tuned RM ranked SFT pairs as well (held-out accuracy 0.76 both) but PPO against it did
+not overoptimize within 300 updates, so there was nothing to correct.
 """
 import argparse
 import random
@@ -44,10 +49,11 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
     """RM-fit flags, shared with ocrm_correct.py so a corrected RM is fitted exactly the same way."""
     p.add_argument("--seed", type=int, default=1, help="random seed (sampling, labels, init, order)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--epochs", type=int, default=2, help="passes over the training pairs")
+    p.add_argument("--epochs", type=int, default=4, help="passes over the training pairs")
     p.add_argument("--batch_size", type=int, default=64, help="pairs per step")
-    p.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate, linear decay to 0")
-    p.add_argument("--train_backbone", type=int, default=1,
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate, linear decay to 0 "
+                   "(3e-3 suits the default linear head; use ~3e-4 with --train_backbone 1)")
+    p.add_argument("--train_backbone", type=int, default=0,
                    help="1: fine-tune the SFT backbone with the head; 0: freeze it and fit only the "
                         "linear head (a deliberately misspecified RM)")
     p.add_argument("--heldout_fraction", type=float, default=0.1,
@@ -177,7 +183,8 @@ def fit_reward_model(sft_dir, data: datasets.Dataset, args, device, weight=None)
     C.check_finite(weight, "weight", "reward_model")
     train_idx, held_idx = split_indices(len(data), args.heldout_fraction, args.seed)
 
-    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=args.lr)
+    trained = [p for p in rm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=args.lr, fused=True)           # one kernel, not a loop
     steps_per_epoch = max(1, len(train_idx) // args.batch_size)
     total = steps_per_epoch * args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / total)

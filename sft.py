@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1, help="random seed (data, init, shuffling)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--num_examples", type=int, default=20000, help="prompt/reference pairs")
-    p.add_argument("--epochs", type=int, default=4, help="passes over the examples")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the examples")
     p.add_argument("--batch_size", type=int, default=64, help="examples per step")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate, linear decay to 0")
     p.add_argument("--n_layer", type=int, default=2, help="transformer layers of the tiny GPT-2")
