@@ -738,9 +738,10 @@ NUMERICAL_FAULTS = {
     "sft_loss_after_a_huge_step": ("sft", "loss", 2, lambda r, t: [
         "sft.py", "--out", t / "out", "--device", "cpu", "--num_examples", "128",
         "--batch_size", "64", "--epochs", "1", *HUGE_LR]),
-    # two epochs, so at least two updates
+    # two epochs, so at least two updates; the whole network trained (a linear head alone, the
+    # default, stays finite however large the step)
     "rm_loss_after_a_huge_step": ("reward_model", "loss", 2, lambda r, t: rm_cmd(
-        r, t, prefs=r / "prefs") + ["--epochs", "2", *HUGE_LR]),
+        r, t, prefs=r / "prefs") + ["--epochs", "2", "--train_backbone", "1", *HUGE_LR]),
     "rm_weight_nan": ("reward_model", "weight", None,
                       lambda r, t: rm_cmd(r, t, prefs=prefs_with_nan(r, t, "weight"))),
     "rm_pairs_sampled_from_a_nan_policy": ("reward_model", "policy logits", None,
