@@ -1,13 +1,22 @@
-"""Collect one run directory into report.json, report.md and curves.png.
+"""Collect one run directory into report.json, report.md and curves.png; or average several
+seeds' reports into one.
 
-Reads what the stages wrote (eval.jsonl / final.json of every PPO stage, settings.json of every
-weights dataset, the *_info.json timings) and stitches each arm's rounds into one curve whose
-`episodes` count from the start of round 1. Nothing is recomputed.
+One run (--run_dir): reads what the stages wrote (eval.jsonl / final.json of every PPO stage,
+settings.json of every weights dataset, the *_info.json timings) and stitches each arm's rounds
+into one curve whose `episodes` count from the start of round 1. Nothing is recomputed.
+
+Several seeds (--aggregate): reads each run's report.json and writes, into --out, every arm's
+final numbers as mean +- standard error over seeds (s.e. = sample std / sqrt(n)), OCRM minus each
+control paired by seed (the seeds share nothing else, so the paired difference is the comparison
+to trust), the curves averaged point by point, and the per-round OCRM diagnostics.
 
     python report.py --run_dir runs/toy-seed1 --rounds 3 --seed 1
+    python report.py --aggregate runs/toy-seed1 runs/toy-seed2 runs/toy-seed3 \
+        --out runs/toy-aggregate
 """
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 
@@ -20,10 +29,28 @@ LABELS = {"sft": "SFT", "standard_rlhf": "standard RLHF", "ppo_new_kl": "PPO + n
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run_dir", required=True, help="run directory written by run_all.sh")
-    p.add_argument("--rounds", type=int, required=True, help="number of rounds (ROUNDS)")
-    p.add_argument("--seed", type=int, required=True, help="the run's seed, recorded in the report")
-    return p.parse_args(argv)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--run_dir", help="run directory written by run_all.sh (one seed)")
+    mode.add_argument("--aggregate", nargs="+", metavar="RUN_DIR",
+                      help="run directories of several seeds, each with its report.json")
+    p.add_argument("--rounds", type=int, help="number of rounds (ROUNDS); with --run_dir")
+    p.add_argument("--seed", type=int,
+                   help="the run's seed, recorded in the report; with --run_dir")
+    p.add_argument("--out", help="with --aggregate: directory for the aggregate report")
+    args = p.parse_args(argv)
+    if args.run_dir is not None:
+        missing = [f"--{name}" for name in ("rounds", "seed") if getattr(args, name) is None]
+        if missing:
+            p.error(f"the following arguments are required: {', '.join(missing)}")
+        if args.out is not None:
+            p.error("--out goes with --aggregate; --run_dir writes into the run directory")
+    else:
+        if args.out is None:
+            p.error("--aggregate needs --out")
+        if args.rounds is not None or args.seed is not None:
+            p.error("--rounds and --seed go with --run_dir; --aggregate reads them from each "
+                    "report.json")
+    return args
 
 
 def stage_dirs(run_dir: Path, arm: str, rounds: int) -> list[Path]:
@@ -149,6 +176,200 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------------------------
+# Several seeds: mean +- standard error over the runs' report.json files
+# ----------------------------------------------------------------------------------------------
+FINAL_KEYS = ("gold", "proxy", "kl_to_sft", "win_rate_vs_sft")
+CONTROLS = ("standard_rlhf", "ppo_new_kl")
+
+
+def read_run_report(run_dir: Path) -> dict:
+    path = run_dir / "report.json"
+    if not path.is_file():
+        raise C.StageError(f"{path} does not exist; run run_all.sh for that seed first")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise C.StageError(f"could not read {path}: {str(e).splitlines()[0]}")
+
+
+def over_seeds(values: list[float]) -> dict:
+    """mean and s.e. = std(ddof=1) / sqrt(n) of one number across seeds (s.e. None for n = 1)."""
+    mean, std_err = C.mean_std_err(values)
+    return {"mean": mean, "std_err": None if math.isnan(std_err) else std_err,
+            "per_seed": list(values)}
+
+
+def mean_or_none(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def weight_settings(report: dict) -> list[str]:
+    return [" ".join(f"{k}={w[k]}" for k in ("alpha", "lam", "normalize", "clip"))
+            for w in report["weights"]]
+
+
+def check_same_setup(run_dirs: list[Path], reports: list[dict]) -> None:
+    """Averaging needs one seed per run, the same rounds, the same evaluation points and the same
+    OCRM weight settings (the other stages' flags are not in report.json: keep them the same)."""
+    first_dir, first = run_dirs[0], reports[0]
+    seen = {}
+    for d, r in zip(run_dirs, reports):
+        if r["seed"] in seen:
+            raise C.StageError(f"{seen[r['seed']]} and {d} are both seed {r['seed']}; "
+                               f"aggregate one run per seed")
+        seen[r["seed"]] = d
+        if r["rounds"] != first["rounds"]:
+            raise C.StageError(f"{d} has {r['rounds']} rounds but {first_dir} has "
+                               f"{first['rounds']}; run every seed with the same ROUNDS")
+        for arm in ("sft",) + ARMS:
+            episodes = [p["episodes"] for p in r["arms"][arm]["curve"]]
+            if episodes != [p["episodes"] for p in first["arms"][arm]["curve"]]:
+                raise C.StageError(f"{d} evaluated {arm} at other episodes than {first_dir}; run "
+                                   f"every seed with the same UPDATES and PPO_ARGS")
+        if weight_settings(r) != weight_settings(first):
+            raise C.StageError(f"{d} made its OCRM weights with {weight_settings(r)[0]} but "
+                               f"{first_dir} with {weight_settings(first)[0]}; run every seed "
+                               f"with the same OCRM_ARGS")
+
+
+def aggregate_report(run_dirs: list[Path]) -> dict:
+    reports = [read_run_report(d) for d in run_dirs]
+    check_same_setup(run_dirs, reports)
+    seeds = [r["seed"] for r in reports]
+
+    # 1. each arm's final numbers, mean +- s.e. over seeds
+    arms = {arm: {key: over_seeds([r["arms"][arm][key] for r in reports]) for key in FINAL_KEYS}
+            for arm in ("sft",) + ARMS}
+
+    # 2. paired by seed: d_s = gold_ocrm(s) - gold_control(s); mean +- s.e. of the d_s
+    paired = {}
+    for control in CONTROLS:
+        diffs = [r["arms"]["ocrm"]["gold"] - r["arms"][control]["gold"] for r in reports]
+        paired[f"ocrm_minus_{control}"] = {
+            "gold": {**over_seeds(diffs), "wins": sum(d > 0 for d in diffs)}}
+
+    # 3. curves: the i-th evaluation point of every seed (same episodes, checked above)
+    curves = {}
+    for arm in ("sft",) + ARMS:
+        curves[arm] = []
+        for points in zip(*(r["arms"][arm]["curve"] for r in reports)):
+            gold = over_seeds([p["gold"] for p in points])
+            proxy = over_seeds([p["proxy"] for p in points])
+            kl_to_sft = over_seeds([p["kl_to_sft"] for p in points])
+            curves[arm].append({"episodes": points[0]["episodes"],
+                                "gold_mean": gold["mean"], "gold_std_err": gold["std_err"],
+                                "proxy_mean": proxy["mean"], "proxy_std_err": proxy["std_err"],
+                                "kl_to_sft_mean": kl_to_sft["mean"]})
+
+    # 4. per OCRM round: mean ESS, and the RM's accuracy on fresh policy pairs before/after the
+    #    refit (mean over the seeds that have it; runs made without --reward_model_before do not)
+    per_round, accuracy = [], []
+    for k in range(2, reports[0]["rounds"] + 1):
+        rows = [next(w for w in r["weights"] if w["round"] == k) for r in reports]
+        per_round.append({"round": k, **over_seeds([w["ess_fraction"] for w in rows])})
+        accs = [w["policy_pair_accuracy"] for w in rows if w["policy_pair_accuracy"] is not None]
+        accuracy.append({"round": k, "before": mean_or_none([a["before"] for a in accs]),
+                         "after": mean_or_none([a["after"] for a in accs]),
+                         "num_seeds": len(accs)})
+
+    return {"seeds": seeds, "rounds": reports[0]["rounds"],
+            "run_dirs": [str(d) for d in run_dirs], "arms": arms,
+            "paired_differences": paired, "curves": curves,
+            "overoptimization": [{"seed": r["seed"], **r["overoptimization"]["standard_rlhf"]}
+                                 for r in reports],
+            "weights": [{"seed": r["seed"], "weights": r["weights"]} for r in reports],
+            "ess_fraction": per_round, "policy_pair_accuracy": accuracy}
+
+
+def plus_minus(stat: dict, fmt: str) -> str:
+    """`mean ± s.e.` (just the mean for one seed); a sign asked for in fmt goes on the mean only."""
+    text = format(stat["mean"], fmt)
+    if stat["std_err"] is None:
+        return text
+    return f"{text} ± {format(stat['std_err'], fmt.lstrip('+'))}"
+
+
+def aggregate_markdown(agg: dict) -> str:
+    n = len(agg["seeds"])
+    lines = [f"# OCRM over {n} seeds ({', '.join(map(str, agg['seeds']))}), {agg['rounds']} rounds",
+             "", "Mean ± standard error over seeds (s.e. = sample std / sqrt(n)) of each arm's "
+             "final evaluation on the fixed held-out prompts (near-greedy decode, T = 0.01); KL to SFT "
+             "from T = 0.7 samples. `proxy` is each arm's own last reward model.", "",
+             "| arm | gold | proxy | KL to SFT | gold win rate vs SFT |", "|---|---|---|---|---|"]
+    for arm, r in agg["arms"].items():
+        lines.append(f"| {LABELS[arm]} | {plus_minus(r['gold'], '.3f')} | "
+                     f"{plus_minus(r['proxy'], '.3f')} | {plus_minus(r['kl_to_sft'], '.2f')} | "
+                     f"{plus_minus(r['win_rate_vs_sft'], '.3f')} |")
+    lines += ["", "Final gold per seed:", "",
+              "| seed | " + " | ".join(LABELS[a] for a in agg["arms"]) + " |",
+              "|---" * (len(agg["arms"]) + 1) + "|"]
+    for i, seed in enumerate(agg["seeds"]):
+        lines.append(f"| {seed} | " + " | ".join(f"{r['gold']['per_seed'][i]:.3f}"
+                                                 for r in agg["arms"].values()) + " |")
+    lines += ["", "OCRM minus each control, paired by seed (final gold):", "",
+              "| OCRM minus | mean difference | OCRM better on |", "|---|---|---|"]
+    for control in CONTROLS:
+        d = agg["paired_differences"][f"ocrm_minus_{control}"]["gold"]
+        lines.append(f"| {LABELS[control]} | {plus_minus(d, '+.3f')} | "
+                     f"{d['wins']} of {n} seeds |")
+    drops = [o["gold_drop_from_peak"] for o in agg["overoptimization"]]
+    lines += ["", f"Standard RLHF's gold (T = 0.7 samples) ended below its peak on "
+              f"{sum(x > 0 for x in drops)} of {n} seeds; drop from the peak "
+              f"{plus_minus(over_seeds(drops), '.3f')}.", "",
+              "Per OCRM round, mean over seeds: the weights' ESS / N, and how well the RM ranks "
+              "fresh pairs sampled from the policy being corrected (accuracy vs gold), before and "
+              "after the refit.", "",
+              "| OCRM round | ESS / N | policy-pair acc before | after | seeds |",
+              "|---|---|---|---|---|"]
+    for ess, acc in zip(agg["ess_fraction"], agg["policy_pair_accuracy"]):
+        before, after = ("-" if acc[k] is None else f"{acc[k]:.3f}" for k in ("before", "after"))
+        lines.append(f"| {ess['round']} | {plus_minus(ess, '.3f')} | {before} | {after} "
+                     f"| {acc['num_seeds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_aggregate(agg: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def band(ax, x, mean, std_err, label):
+        line, = ax.plot(x, mean, label=label)
+        if None not in std_err:
+            ax.fill_between(x, [m - s for m, s in zip(mean, std_err)],
+                            [m + s for m, s in zip(mean, std_err)], color=line.get_color(),
+                            alpha=0.2)
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for arm in ARMS:
+        c = agg["curves"][arm]
+        ep = [p["episodes"] for p in c]
+        gold, gold_se = [p["gold_mean"] for p in c], [p["gold_std_err"] for p in c]
+        band(axes[0], ep, gold, gold_se, LABELS[arm])
+        band(axes[1], ep, [p["proxy_mean"] for p in c], [p["proxy_std_err"] for p in c],
+             LABELS[arm])
+        # KL need not grow monotonically, so a band along it would fold over: error bars instead
+        _, _, bars = axes[2].errorbar([p["kl_to_sft_mean"] for p in c], gold,
+                                      yerr=None if None in gold_se else gold_se, fmt=".-",
+                                      elinewidth=0.8, label=LABELS[arm])
+        for bar in bars:
+            bar.set_alpha(0.4)
+    for ax, (x, y) in zip(axes, (("episodes", "gold reward"), ("episodes", "proxy reward (own RM)"),
+                                 ("KL to SFT (mean over seeds)", "gold reward"))):
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"mean ± s.e. over {len(agg['seeds'])} seeds: held-out prompts, T = 0.7 samples")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
 def write_atomically(path: Path, write) -> None:
     """write(tmp) under a hidden name, then rename: a killed run never leaves half a report."""
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
@@ -156,14 +377,30 @@ def write_atomically(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def write_report(out: Path, report: dict, text: str, plot_to) -> None:
+    write_atomically(out / "report.json", lambda tmp: C.write_json(tmp, report))
+    write_atomically(out / "report.md", lambda tmp: tmp.write_text(text))
+    write_atomically(out / "curves.png", lambda tmp: plot_to(report, tmp))
+    print(text)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    run_dir = Path(args.run_dir)
-    report = build_report(run_dir, args.rounds, args.seed)
-    write_atomically(run_dir / "report.json", lambda tmp: C.write_json(tmp, report))
-    write_atomically(run_dir / "report.md", lambda tmp: tmp.write_text(markdown(report)))
-    write_atomically(run_dir / "curves.png", lambda tmp: plot(report, tmp))
-    print(markdown(report))
+    if args.run_dir is not None:
+        run_dir = Path(args.run_dir)
+        report = build_report(run_dir, args.rounds, args.seed)
+        write_report(run_dir, report, markdown(report), plot)
+        return
+    run_dirs, out = [Path(d) for d in args.aggregate], Path(args.out)
+    if any(out.resolve() == d.resolve() for d in run_dirs):
+        raise C.StageError(f"--out {out} is one of the run directories; its report.json would be "
+                           f"overwritten")
+    agg = aggregate_report(run_dirs)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise C.StageError(f"cannot write the output directory {out}: {e.strerror}")
+    write_report(out, agg, aggregate_markdown(agg), plot_aggregate)
 
 
 if __name__ == "__main__":

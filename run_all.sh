@@ -18,8 +18,47 @@
 #   RM_ARGS    extra RM-fit flags, used for RM_1 and every corrected RM alike, e.g. "--epochs 1"
 #   PPO_ARGS   extra flags for every ppo.py call      e.g. "--batch_size 32"
 #   OCRM_ARGS  extra weight flags for ocrm_correct.py e.g. "--lam 0.2 --normalize 1"
+#
+# Several seeds: SEEDS="1 2 3 4 5" bash run_all.sh runs the whole pipeline above once per seed,
+# in turn (SEED=s, RUN_DIR=$RUN_ROOT/toy-seed$s: SEED is ignored, RUN_DIR an error), then averages
+# the seeds' reports with report.py --aggregate into AGG_DIR. Resumes like one seed does.
+#   RUN_ROOT=runs  AGG_DIR=$RUN_ROOT/toy-aggregate
 set -euo pipefail
 cd "$(dirname "$0")"
+
+if [ -n "${SEEDS+set}" ]; then
+  read -r -a seeds <<< "$SEEDS"
+  if [ ${#seeds[@]} -eq 0 ]; then
+    echo "error: SEEDS is set but lists no seed; e.g. SEEDS=\"1 2 3\", or unset it for one seed" >&2
+    exit 2
+  fi
+  if [ -n "${RUN_DIR:-}" ]; then
+    echo "error: RUN_DIR is one seed's directory; with SEEDS, set RUN_ROOT instead" >&2
+    exit 2
+  fi
+  for s in "${seeds[@]}"; do
+    if ! [[ "$s" =~ ^[1-9][0-9]*$ ]]; then
+      echo "error: SEEDS must list positive integers, got '$s' in '$SEEDS'" >&2
+      exit 2
+    fi
+  done
+  if [ "$(printf '%s\n' "${seeds[@]}" | sort -n | uniq -d)" ]; then
+    echo "error: SEEDS lists a seed twice: '$SEEDS'" >&2
+    exit 2
+  fi
+  RUN_ROOT=${RUN_ROOT:-runs}
+  AGG_DIR=${AGG_DIR:-$RUN_ROOT/toy-aggregate}
+  run_dirs=()
+  for s in "${seeds[@]}"; do
+    run_dir=$RUN_ROOT/toy-seed$s
+    run_dirs+=("$run_dir")
+    echo "=== seed $s: $run_dir"
+    env -u SEEDS SEED="$s" RUN_DIR="$run_dir" bash "$(basename "$0")"   # this script, one seed
+  done
+  echo "=== aggregate of ${#seeds[@]} seeds: $AGG_DIR"
+  "${PYTHON:-python}" report.py --aggregate "${run_dirs[@]}" --out "$AGG_DIR"
+  exit 0
+fi
 
 SEED=${SEED:-1}
 ROUNDS=${ROUNDS:-3}

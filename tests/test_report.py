@@ -1,0 +1,311 @@
+"""The multi-seed report: mean +- standard error over seeds, OCRM minus each control paired by
+seed, curves averaged point by point, and `SEEDS=... bash run_all.sh` running one seed after the
+other and then the aggregate.
+
+No pipeline runs here: three single-run report.json files are written by hand (the structure
+report.build_report produces) and every expected number is computed again in the test, with the
+statistics module and NumPy, not with common.mean_std_err. The CLI cases call report.main through
+common.run_main in this process (a fresh interpreter would spend seconds importing torch); the
+run_all.sh cases use a stand-in PYTHON that only records how it was called. Under 5 s in all:
+
+    OMP_NUM_THREADS=1 python -m pytest -q tests/test_report.py
+"""
+import json
+import math
+import os
+import statistics
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import common as C
+import report as R
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ALL_ARMS = ("sft", "standard_rlhf", "ppo_new_kl", "ocrm")
+ROUNDS, EPISODES = 3, [0, 64, 128, 192, 256]   # two evaluation points per round after the start
+
+# Final near-greedy gold of each arm on each seed: OCRM beats standard RLHF on seeds 1 and 3 and
+# PPO + new KL on all three.
+FINAL_GOLD = {1: {"sft": 3.00, "standard_rlhf": 4.00, "ppo_new_kl": 3.50, "ocrm": 4.25},
+              2: {"sft": 3.10, "standard_rlhf": 4.40, "ppo_new_kl": 3.20, "ocrm": 3.90},
+              3: {"sft": 2.90, "standard_rlhf": 3.70, "ppo_new_kl": 3.60, "ocrm": 4.10}}
+SEEDS = list(FINAL_GOLD)
+
+
+def synthetic_run_report(seed: int, rounds: int = ROUNDS, episodes=EPISODES) -> dict:
+    """A report.json as report.build_report writes it, with numbers that differ by seed and arm."""
+    arms = {}
+    for i, arm in enumerate(ALL_ARMS):
+        points = episodes[:1] if arm == "sft" else episodes
+        curve = [{"episodes": e, "kl_to_sft": 0.01 * e * (i + 1) / seed,
+                  "proxy": 0.3 + 0.004 * e * seed + 0.1 * i,
+                  "gold": 3.0 + 0.002 * e * i - 0.1 * seed} for e in points]
+        arms[arm] = {"gold": FINAL_GOLD.get(seed, FINAL_GOLD[1])[arm],
+                     "proxy": 1.0 + 0.2 * i + 0.05 * seed,
+                     "kl_to_sft": 0.0 if arm == "sft" else 2.0 * i + seed,
+                     "win_rate_vs_sft": 0.5 if arm == "sft" else 0.3 + 0.05 * i + 0.02 * seed,
+                     "curve": curve}
+    weights = []
+    for k in range(2, rounds + 1):
+        # seed 3's round 2 was made without --reward_model_before: no policy-pair accuracy
+        accuracy = None if (seed, k) == (3, 2) else \
+            {"num_untied_pairs": 600, "before": 0.70 + 0.01 * seed, "after": 0.72 + 0.01 * k}
+        weights.append({"round": k, "ess_fraction": 0.9 - 0.1 * k + 0.01 * seed, "min": 0.1,
+                        "mean": 0.6, "max": 1.5, "alpha": 0.1, "lam": 0.3, "normalize": False,
+                        "clip": 0.0, "rm_heldout_accuracy": 0.75, "policy_pair_accuracy": accuracy})
+    overopt = R.overoptimization(arms["standard_rlhf"]["curve"])
+    return {"seed": seed, "rounds": rounds, "arms": arms, "weights": weights,
+            "rm_1_heldout_accuracy": 0.76, "overoptimization": {"standard_rlhf": overopt},
+            "seconds": {"sft": 40.0, "total": 40.0}}
+
+
+def write_run(root: Path, report: dict) -> Path:
+    run_dir = root / f"toy-seed{report['seed']}"
+    run_dir.mkdir(parents=True)
+    C.write_json(run_dir / "report.json", report)
+    return run_dir
+
+
+@pytest.fixture
+def run_dirs(tmp_path) -> list[Path]:
+    return [write_run(tmp_path / "runs", synthetic_run_report(s)) for s in SEEDS]
+
+
+def mean_and_std_err(xs) -> tuple[float, float]:
+    """Independently of common.mean_std_err: statistics.stdev is the sample std (n - 1)."""
+    return statistics.mean(xs), statistics.stdev(xs) / math.sqrt(len(xs))
+
+
+def cli(argv, capsys) -> tuple[int, str, str]:
+    """`python report.py ARGV` in this process: exit code, stdout, stderr."""
+    try:
+        C.run_main(lambda: R.main([str(a) for a in argv]))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# ----------------------------------------------------------------------------------------------
+# The numbers
+# ----------------------------------------------------------------------------------------------
+def test_each_arm_is_mean_and_standard_error_over_seeds(run_dirs):
+    agg = R.aggregate_report(run_dirs)
+    assert agg["seeds"] == SEEDS and agg["rounds"] == ROUNDS
+    reports = [synthetic_run_report(s) for s in SEEDS]
+    for arm in ALL_ARMS:
+        for key in ("gold", "proxy", "kl_to_sft", "win_rate_vs_sft"):
+            values = [r["arms"][arm][key] for r in reports]
+            mean, std_err = mean_and_std_err(values)
+            got = agg["arms"][arm][key]
+            assert got["per_seed"] == values, (arm, key)
+            assert got["mean"] == pytest.approx(mean, rel=1e-12), (arm, key)
+            assert got["std_err"] == pytest.approx(std_err, rel=1e-12, abs=1e-15), (arm, key)
+    # spelled out once: OCRM's gold is 4.25, 3.90, 4.10
+    assert agg["arms"]["ocrm"]["gold"]["mean"] == pytest.approx(12.25 / 3)
+    assert agg["arms"]["sft"]["win_rate_vs_sft"]["std_err"] == 0.0
+
+
+def test_ocrm_minus_control_is_paired_by_seed_with_its_win_count(run_dirs):
+    paired = R.aggregate_report(run_dirs)["paired_differences"]
+    assert set(paired) == {"ocrm_minus_standard_rlhf", "ocrm_minus_ppo_new_kl"}
+    for control, wins in (("standard_rlhf", 2), ("ppo_new_kl", 3)):
+        diffs = np.array([FINAL_GOLD[s]["ocrm"] - FINAL_GOLD[s][control] for s in SEEDS])
+        got = paired[f"ocrm_minus_{control}"]["gold"]
+        assert got["per_seed"] == pytest.approx(diffs.tolist(), rel=1e-12)
+        assert got["mean"] == pytest.approx(diffs.mean(), rel=1e-12)
+        # the s.e. of the per-seed differences, not a combination of the two arms' s.e.
+        assert got["std_err"] == pytest.approx(diffs.std(ddof=1) / math.sqrt(len(diffs)), rel=1e-12)
+        assert got["wins"] == wins, control
+    # by hand: 0.25, -0.50, 0.40 -> mean 0.05
+    assert paired["ocrm_minus_standard_rlhf"]["gold"]["mean"] == pytest.approx(0.05)
+
+
+def test_curves_are_averaged_point_by_point_over_seeds(run_dirs):
+    curves = R.aggregate_report(run_dirs)["curves"]
+    assert [p["episodes"] for p in curves["ocrm"]] == EPISODES
+    assert [p["episodes"] for p in curves["sft"]] == [0]
+    i = 3                                          # episodes 192, in round 3
+    points = [synthetic_run_report(s)["arms"]["ppo_new_kl"]["curve"][i] for s in SEEDS]
+    gold = np.array([p["gold"] for p in points])
+    proxy = np.array([p["proxy"] for p in points])
+    got = curves["ppo_new_kl"][i]
+    assert set(got) == {"episodes", "gold_mean", "gold_std_err", "proxy_mean", "proxy_std_err",
+                        "kl_to_sft_mean"}
+    assert got["episodes"] == 192
+    assert got["gold_mean"] == pytest.approx(gold.mean(), rel=1e-12)
+    assert got["gold_std_err"] == pytest.approx(gold.std(ddof=1) / math.sqrt(3), rel=1e-12)
+    assert got["proxy_mean"] == pytest.approx(proxy.mean(), rel=1e-12)
+    assert got["proxy_std_err"] == pytest.approx(proxy.std(ddof=1) / math.sqrt(3), rel=1e-12)
+    assert got["kl_to_sft_mean"] == pytest.approx(np.mean([p["kl_to_sft"] for p in points]))
+
+
+def test_per_round_diagnostics_skip_seeds_without_policy_pair_accuracy(run_dirs):
+    agg = R.aggregate_report(run_dirs)
+    round_2, round_3 = agg["policy_pair_accuracy"]
+    assert round_2 == pytest.approx({"round": 2, "num_seeds": 2, "before": (0.71 + 0.72) / 2,
+                                     "after": 0.74})
+    assert round_3 == pytest.approx({"round": 3, "num_seeds": 3, "before": 0.72, "after": 0.75})
+    assert [e["round"] for e in agg["ess_fraction"]] == [2, 3]
+    assert agg["ess_fraction"][0]["mean"] == pytest.approx(0.72)      # 0.9 - 0.2 + 0.02
+    # the per-seed diagnostics are carried over unchanged
+    assert [o["seed"] for o in agg["overoptimization"]] == SEEDS
+    assert agg["overoptimization"][1] == \
+        {"seed": 2, **synthetic_run_report(2)["overoptimization"]["standard_rlhf"]}
+    assert agg["weights"][2] == {"seed": 3, "weights": synthetic_run_report(3)["weights"]}
+
+
+def test_one_seed_has_a_mean_and_no_standard_error(run_dirs):
+    agg = R.aggregate_report(run_dirs[:1])
+    assert agg["arms"]["ocrm"]["gold"] == {"mean": 4.25, "std_err": None, "per_seed": [4.25]}
+    assert "4.250 |" in R.aggregate_markdown(agg)                     # no "± nan"
+
+
+# ----------------------------------------------------------------------------------------------
+# The files
+# ----------------------------------------------------------------------------------------------
+def test_cli_writes_report_json_md_and_png_and_leaves_the_runs_alone(run_dirs, tmp_path, capsys):
+    out = tmp_path / "toy-aggregate"
+    before = {d: (d / "report.json").read_bytes() for d in run_dirs}
+    code, stdout, stderr = cli(["--aggregate", *run_dirs, "--out", out], capsys)
+    assert (code, stderr) == (0, "")
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "report.json", "report.md"]
+    assert json.loads((out / "report.json").read_text()) == R.aggregate_report(run_dirs)
+    assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    text = (out / "report.md").read_text()
+    assert stdout == text + "\n"
+    assert text.startswith("# OCRM over 3 seeds (1, 2, 3), 3 rounds")
+    assert "| OCRM | 4.083 ± 0.101 |" in text               # mean 4.0833, s.e. 0.1014
+    assert "| 2 | 3.100 | 4.400 | 3.200 | 3.900 |" in text  # seed 2's finals
+    assert "| standard RLHF | +0.050 ± 0.278 | 2 of 3 seeds |" in text
+    assert "| PPO + new KL | +0.650 ± 0.076 | 3 of 3 seeds |" in text
+    assert "| 2 | 0.720 ± 0.006 | 0.715 | 0.740 | 2 |" in text
+    assert {d: (d / "report.json").read_bytes() for d in run_dirs} == before
+
+
+def test_missing_report_is_one_error_line(run_dirs, tmp_path, capsys):
+    missing = tmp_path / "runs" / "toy-seed4"
+    code, stdout, stderr = cli(["--aggregate", *run_dirs, missing, "--out", tmp_path / "agg"],
+                               capsys)
+    assert code == 2
+    assert stderr == f"error: {missing / 'report.json'} does not exist; run run_all.sh for that " \
+                     f"seed first\n"
+    assert not (tmp_path / "agg").exists()
+
+
+def different_rounds(root):
+    return write_run(root, synthetic_run_report(4, rounds=2)), "2 rounds"
+
+
+def other_episodes(root):
+    return write_run(root, synthetic_run_report(4, episodes=[0, 32, 64, 96, 128])), "episodes"
+
+
+def seed_again(root):
+    return write_run(root / "again", synthetic_run_report(1)), "both seed 1"
+
+
+def other_lam(root):
+    report = synthetic_run_report(4)
+    for w in report["weights"]:
+        w["lam"] = 0.1
+    return write_run(root, report), "lam=0.1"
+
+
+def not_json(root):
+    run_dir = root / "toy-seed4"
+    run_dir.mkdir()
+    (run_dir / "report.json").write_text('{"seed": 4, "rou')
+    return run_dir, "could not read"
+
+
+@pytest.mark.parametrize("make_run", [different_rounds, other_episodes, seed_again, other_lam,
+                                      not_json])
+def test_runs_that_cannot_be_averaged_are_one_error_line(run_dirs, tmp_path, capsys, make_run):
+    odd_run, must_mention = make_run(tmp_path / "runs")
+    with pytest.raises(C.StageError, match=must_mention):
+        R.aggregate_report([*run_dirs, odd_run])
+    code, _, stderr = cli(["--aggregate", *run_dirs, odd_run, "--out", tmp_path / "agg"], capsys)
+    assert code == 2
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("error:"), stderr
+    assert not (tmp_path / "agg").exists()
+
+
+def test_out_may_not_be_one_of_the_runs(run_dirs, capsys):
+    code, _, stderr = cli(["--aggregate", *run_dirs, "--out", run_dirs[0]], capsys)
+    assert code == 2 and stderr.startswith("error: --out") and len(stderr.splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# run_all.sh with SEEDS (the single-seed behaviour is covered by tests/test_pipeline.py)
+# ----------------------------------------------------------------------------------------------
+def run_all(tmp_path: Path, **env) -> subprocess.CompletedProcess:
+    """bash run_all.sh with a stand-in PYTHON that appends its arguments to calls.log and exits
+    0 (or 2 when they contain $FAIL_ON), so only the script's own logic runs."""
+    fake_python = tmp_path / "fake_python"
+    fake_python.write_text('#!/bin/sh\n'
+                           'echo "$*" >> "$CALLS"\n'
+                           'case "$*" in *"$FAIL_ON"*) echo "error: stand-in fails" >&2; exit 2;; '
+                           'esac\n')
+    fake_python.chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if k not in ("SEED", "SEEDS", "RUN_DIR", "AGG_DIR")}
+    env = {**base, "OMP_NUM_THREADS": "1", "PYTHON": str(fake_python), "ROUNDS": "2",
+           "RUN_ROOT": str(tmp_path / "root"), "CALLS": str(tmp_path / "calls.log"),
+           "FAIL_ON": "never matches", **env}
+    return subprocess.run(["bash", "run_all.sh"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def calls(tmp_path: Path) -> list[str]:
+    return (tmp_path / "calls.log").read_text().splitlines()
+
+
+@pytest.mark.parametrize("env", [{"SEEDS": "1 x"}, {"SEEDS": "0 1"}, {"SEEDS": "1 01"},
+                                 {"SEEDS": "1,2"}, {"SEEDS": "2 1 2"}, {"SEEDS": " "},
+                                 {"SEEDS": "1 2", "RUN_DIR": "runs/mine"}],
+                         ids=lambda env: " ".join(f"{k}={v!r}" for k, v in env.items()))
+def test_bad_seeds_are_one_error_line_before_anything_runs(tmp_path, env):
+    proc = run_all(tmp_path, **env)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error:"), proc.stderr
+    assert proc.stdout == ""
+    assert not (tmp_path / "root").exists() and not (tmp_path / "calls.log").exists()
+
+
+def test_seeds_run_the_pipeline_once_per_seed_in_turn_then_aggregate(tmp_path):
+    root = tmp_path / "root"
+    proc = run_all(tmp_path, SEEDS="3 1", SEED="7")          # SEED is ignored when SEEDS is set
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line for line in lines if line.startswith("=== ")] == \
+        [f"=== seed 3: {root}/toy-seed3", f"=== seed 1: {root}/toy-seed1",
+         f"=== aggregate of 2 seeds: {root}/toy-aggregate"]
+    stages = [line for line in lines if line.startswith("== ")]
+    assert len(stages) == 2 * 7                              # 7 stages per seed at ROUNDS=2
+    assert all(f"{root}/toy-seed3/" in line for line in stages[:7])
+    assert all(f"{root}/toy-seed1/" in line for line in stages[7:])
+    log = calls(tmp_path)
+    assert log[0].startswith("sft.py") and "--seed 3" in log[0]
+    assert [c for c in log if c.startswith("report.py")] == [
+        f"report.py --run_dir {root}/toy-seed3 --rounds 2 --seed 3",
+        f"report.py --run_dir {root}/toy-seed1 --rounds 2 --seed 1",
+        f"report.py --aggregate {root}/toy-seed3 {root}/toy-seed1 --out {root}/toy-aggregate"]
+
+    proc = run_all(tmp_path, SEEDS="1", AGG_DIR=str(tmp_path / "elsewhere"))
+    assert proc.returncode == 0, proc.stderr
+    assert calls(tmp_path)[-1] == \
+        f"report.py --aggregate {root}/toy-seed1 --out {tmp_path}/elsewhere"
+
+
+def test_a_failing_seed_stops_before_the_next_seed_and_the_aggregate(tmp_path):
+    proc = run_all(tmp_path, SEEDS="1 2 3", FAIL_ON="toy-seed2/rm_1")
+    assert proc.returncode == 2
+    assert proc.stderr == "error: stand-in fails\n"
+    log = calls(tmp_path)
+    assert "toy-seed2/rm_1" in log[-1]
+    assert not any("toy-seed3" in c or "--aggregate" in c for c in log)
