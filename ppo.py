@@ -165,6 +165,95 @@ def evaluate(policy, sft, rm, tokenizer, prompts, query, args, temperature, upda
     }, response, texts, ended
 
 
+def ppo_update(update, batch_prompts, policy, value_model, kl_ref, sft, rm, tokenizer, opt, sched,
+               gen, args, max_new_tokens: int = C.RESPONSE_LEN) -> dict:
+    """One PPO update (steps 1-6 of the module docstring) on one batch of prompts; its log row.
+
+    `sft` is None when the KL reference is the SFT policy itself (KL to SFT = KL to the reference).
+    The optimizer holds the policy's and the value model's parameters; `sched` decays its lr.
+    """
+    device = next(policy.parameters()).device
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    B, mb_size = len(batch_prompts), len(batch_prompts) // args.minibatches
+    params = [p for group in opt.param_groups for p in group["params"]]
+    t0 = time.time()
+    query = C.encode_prompts(tokenizer, batch_prompts).to(device)                  # (B, P)
+
+    # 1. rollout at T = 0.7; log pi_old comes with the samples
+    policy.eval()
+    value_model.eval()
+    response, logp_old = C.sample(policy, query, pad, eos, max_new_tokens, args.temperature, gen,
+                                  "ppo", update)
+    mask = C.response_mask(response, eos).float()                               # (B, R)
+
+    # 2. score the rollout with the frozen models and the value model
+    with torch.no_grad(), C.autocast(device):
+        logits_ref = C.response_logits(kl_ref, query, response, pad, eos, args.temperature)
+        logp_ref = C.gather_logprobs(logits_ref, response) * mask                  # (B, R)
+        if sft is None:                                   # the KL reference is pi_sft
+            logp_sft = logp_ref
+        else:
+            logits_sft = C.response_logits(sft, query, response, pad, eos, args.temperature)
+            logp_sft = C.gather_logprobs(logits_sft, response) * mask
+        values_old = token_values(value_model, query, response, pad, eos) * mask   # (B, R)
+    score = score_responses(rm, query, response, pad, eos, args.no_eos_score)  # (B,)
+    C.check_finite(score, "reward", "ppo", update)
+    C.check_finite(values_old, "value", "ppo", update)
+
+    # 3. per-token rewards: KL penalty on every real token, RM score on the last one
+    rewards = token_rewards(logp_old, logp_ref, score, mask, args.beta)
+    C.check_finite(rewards, "KL penalty", "ppo", update)      # the score is finite by now
+    # 4. advantages and returns
+    advantages, returns = gae(rewards, values_old, mask, args.gamma, args.gae_lambda)
+    advantages = masked_whiten(advantages, mask)
+    C.check_finite(advantages, "advantage", "ppo", update)
+
+    # 5. PPO epochs over minibatches
+    policy.train()
+    value_model.train()
+    stats = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": [], "entropy": []}
+    for epoch in range(args.ppo_epochs):
+        order = torch.randperm(B, device=device)
+        for k in range(args.minibatches):
+            idx = order[k * mb_size:(k + 1) * mb_size]
+            q, r, m = query[idx], response[idx], mask[idx]
+            with C.autocast(device):
+                logits = C.response_logits(policy, q, r, pad, eos, args.temperature)  # (b, R, V)
+                values = token_values(value_model, q, r, pad, eos)                    # (b, R)
+            logp = C.gather_logprobs(logits, r)
+            pg_loss, vf_loss, clipfrac, approx_kl = ppo_losses(
+                logp, logp_old[idx], advantages[idx], values, values_old[idx], returns[idx], m,
+                args.clip, args.vf_clip)
+            loss = pg_loss + args.vf_coef * vf_loss
+            C.check_finite(loss, "loss", "ppo", update)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            opt.step()
+            with torch.no_grad():
+                # entropy of pi( . | context) at each real position, averaged over tokens
+                p_log = torch.log_softmax(logits, dim=-1)
+                entropy = masked_mean(-(p_log.exp() * p_log).sum(-1), m)
+            for key, v in zip(stats, (pg_loss, vf_loss, clipfrac, approx_kl, entropy)):
+                stats[key].append(v.item())
+    lr = sched.get_last_lr()[0]
+    sched.step()
+
+    # 6. log: what PPO optimised (proxy) next to what we actually want (gold)
+    texts, ended = C.decode_responses(tokenizer, response, eos)
+    return {
+        "update": update, "episodes": update * B,
+        "kl_to_ref": ((logp_old - logp_ref) * mask).sum(1).mean().item(),
+        "kl_to_sft": ((logp_old - logp_sft) * mask).sum(1).mean().item(),
+        "proxy_reward": score.mean().item(),
+        "gold_reward": C.gold_rewards(batch_prompts, texts, ended).mean().item(),
+        "response_length": mask.sum(1).mean().item(),
+        "no_eos_fraction": 1.0 - sum(ended) / B,
+        **{k: sum(v) / len(v) for k, v in stats.items()},
+        "lr": lr, "episodes_per_second": B / (time.time() - t0),
+    }
+
+
 def main(argv=None):
     args = parse_args(argv)
     C.check_output(args.out)
@@ -188,7 +277,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, eps=1e-5, fused=True)   # one kernel, not a loop
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0 - u / args.updates)
 
-    B, mb_size = args.batch_size, args.batch_size // args.minibatches
+    B = args.batch_size
     prompts = C.make_prompts(args.updates * B, seed=args.seed)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     ev_prompts = C.eval_prompts(args.eval_prompts)
@@ -203,83 +292,8 @@ def main(argv=None):
     eval_point(0)
     bar = tqdm(range(1, args.updates + 1), desc="ppo", mininterval=2)
     for update in bar:
-        t0 = time.time()
-        batch_prompts = prompts[(update - 1) * B:update * B]
-        query = C.encode_prompts(tokenizer, batch_prompts).to(device)                  # (B, P)
-
-        # 1. rollout at T = 0.7; log pi_old comes with the samples
-        policy.eval()
-        value_model.eval()
-        response, logp_old = C.sample(policy, query, pad, eos, C.RESPONSE_LEN, args.temperature, gen,
-                                      "ppo", update)
-        mask = C.response_mask(response, eos).float()                               # (B, R)
-
-        # 2. score the rollout with the frozen models and the value model
-        with torch.no_grad(), C.autocast(device):
-            logits_ref = C.response_logits(kl_ref, query, response, pad, eos, args.temperature)
-            logp_ref = C.gather_logprobs(logits_ref, response) * mask                  # (B, R)
-            if args.sft == args.kl_ref:
-                logp_sft = logp_ref
-            else:
-                logits_sft = C.response_logits(sft, query, response, pad, eos, args.temperature)
-                logp_sft = C.gather_logprobs(logits_sft, response) * mask
-            values_old = token_values(value_model, query, response, pad, eos) * mask   # (B, R)
-        score = score_responses(rm, query, response, pad, eos, args.no_eos_score)  # (B,)
-        C.check_finite(score, "reward", "ppo", update)
-        C.check_finite(values_old, "value", "ppo", update)
-
-        # 3. per-token rewards: KL penalty on every real token, RM score on the last one
-        rewards = token_rewards(logp_old, logp_ref, score, mask, args.beta)
-        C.check_finite(rewards, "KL penalty", "ppo", update)      # the score is finite by now
-        # 4. advantages and returns
-        advantages, returns = gae(rewards, values_old, mask, args.gamma, args.gae_lambda)
-        advantages = masked_whiten(advantages, mask)
-        C.check_finite(advantages, "advantage", "ppo", update)
-
-        # 5. PPO epochs over minibatches
-        policy.train()
-        value_model.train()
-        stats = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": [], "entropy": []}
-        for epoch in range(args.ppo_epochs):
-            order = torch.randperm(B, device=device)
-            for k in range(args.minibatches):
-                idx = order[k * mb_size:(k + 1) * mb_size]
-                q, r, m = query[idx], response[idx], mask[idx]
-                with C.autocast(device):
-                    logits = C.response_logits(policy, q, r, pad, eos, args.temperature)  # (b, R, V)
-                    values = token_values(value_model, q, r, pad, eos)                    # (b, R)
-                logp = C.gather_logprobs(logits, r)
-                pg_loss, vf_loss, clipfrac, approx_kl = ppo_losses(
-                    logp, logp_old[idx], advantages[idx], values, values_old[idx], returns[idx], m,
-                    args.clip, args.vf_clip)
-                loss = pg_loss + args.vf_coef * vf_loss
-                C.check_finite(loss, "loss", "ppo", update)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                opt.step()
-                with torch.no_grad():
-                    # entropy of pi( . | context) at each real position, averaged over tokens
-                    p_log = torch.log_softmax(logits, dim=-1)
-                    entropy = masked_mean(-(p_log.exp() * p_log).sum(-1), m)
-                for key, v in zip(stats, (pg_loss, vf_loss, clipfrac, approx_kl, entropy)):
-                    stats[key].append(v.item())
-        lr = sched.get_last_lr()[0]
-        sched.step()
-
-        # 6. log: what PPO optimised (proxy) next to what we actually want (gold)
-        texts, ended = C.decode_responses(tokenizer, response, eos)
-        row = {
-            "update": update, "episodes": update * B,
-            "kl_to_ref": ((logp_old - logp_ref) * mask).sum(1).mean().item(),
-            "kl_to_sft": ((logp_old - logp_sft) * mask).sum(1).mean().item(),
-            "proxy_reward": score.mean().item(),
-            "gold_reward": C.gold_rewards(batch_prompts, texts, ended).mean().item(),
-            "response_length": mask.sum(1).mean().item(),
-            "no_eos_fraction": 1.0 - sum(ended) / B,
-            **{k: sum(v) / len(v) for k, v in stats.items()},
-            "lr": lr, "episodes_per_second": B / (time.time() - t0),
-        }
+        row = ppo_update(update, prompts[(update - 1) * B:update * B], policy, value_model, kl_ref,
+                         None if args.sft == args.kl_ref else sft, rm, tokenizer, opt, sched, gen, args)
         metrics.append(row)
         bar.set_postfix(gold=f"{row['gold_reward']:.2f}", proxy=f"{row['proxy_reward']:.2f}",
                         kl=f"{row['kl_to_sft']:.2f}", refresh=False)

@@ -26,6 +26,16 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+if [ $# -gt 0 ]; then   # configured by the environment only; --help prints the comment above
+  if [ "$1" = "--help" ] || [ "$1" = "-h" ]; then
+    sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+    exit 0
+  fi
+  echo "error: run_all.sh takes no arguments (got '$1'); it reads SEED, ROUNDS, ... from the" \
+       "environment: see bash run_all.sh --help" >&2
+  exit 2
+fi
+
 if [ -n "${SEEDS+set}" ]; then
   read -r -a seeds <<< "$SEEDS"
   if [ ${#seeds[@]} -eq 0 ]; then

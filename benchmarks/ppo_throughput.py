@@ -3,13 +3,8 @@
 Three measurements. In each one, a step of ours and a step of the baseline take turns in one
 process, so that whatever else loads the machine slows both sides alike:
 
-  ppo    seconds per PPO update and episodes/s: ppo.py's update against
-         trl.experimental.ppo.PPOTrainer. ppo.py's loop body is not a function, so `our_ppo`
-         below is a harness that calls ppo.py's and common.py's own functions (C.sample,
-         C.response_logits, C.gather_logprobs, ppo.token_values, ppo.score_responses,
-         ppo.token_rewards, ppo.gae, ppo.masked_whiten, ppo.ppo_losses, ...) in the order of
-         ppo.py's main loop, steps 1-6, logging included. (Once ppo.py's loop body is a
-         function, say ppo.ppo_update(...), `our_ppo` should call that instead.)
+  ppo    seconds per PPO update and episodes/s: ppo.py's own update function,
+         ppo.ppo_update (steps 1-6, logging included), against trl.experimental.ppo.PPOTrainer.
   rm     pairs/s of one reward-model step: reward_model.fit_reward_model's inner loop
          (C.reward_scores on chosen and rejected in one forward, RM.bt_loss, AdamW) against
          trl.RewardTrainer.
@@ -249,10 +244,10 @@ def quiet(trainer):
 # 1. PPO: ppo.py's update against TRL's PPOTrainer
 # ----------------------------------------------------------------------------------------------
 def our_ppo(models, tokenizer, prompts, updates, seed):
-    """ppo.py's main loop body, steps 1-6, calling ppo.py's and common.py's functions in order.
+    """ppo.py's own update, ppo.ppo_update (steps 1-6), set up as ppo.py's main() sets it up.
 
     Returns step(update) -> seconds, the list the per-update log rows go to, and the optimizer.
-    The differences from ppo.py's loop: prompts are given, not drawn from the task;
+    The differences from ppo.py's main loop: prompts are given, not drawn from the task;
     R = RESPONSE_LEN instead of C.RESPONSE_LEN; no held-out evaluation every --eval_every
     updates (ppo.py's own episodes/s leaves it out too); no progress bar.
     """
@@ -267,85 +262,19 @@ def our_ppo(models, tokenizer, prompts, updates, seed):
     policy, kl_ref, rm, value_model = models
     for m in (kl_ref, rm):
         m.requires_grad_(False)
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     params = list(policy.parameters()) + list(value_model.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, eps=1e-5, fused=True)   # as ppo.py
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0 - u / args.updates)
-    B, mb_size = args.batch_size, args.batch_size // args.minibatches
+    B = args.batch_size
     gen = torch.Generator(device=device).manual_seed(args.seed)
     metrics = []
 
     def step(update):
         t0 = time.perf_counter()
-        batch_prompts = prompts[(update - 1) * B:update * B]
-        query = C.encode_prompts(tokenizer, batch_prompts).to(device)                  # (B, P)
-
-        # 1. rollout
-        policy.eval()
-        value_model.eval()
-        response, logp_old = C.sample(policy, query, pad, eos, RESPONSE_LEN, args.temperature, gen,
-                                      "ppo", update)
-        mask = C.response_mask(response, eos).float()                               # (B, R)
-
-        # 2. score (ppo.py with --sft equal to --kl_ref, as in round 1: logp_sft = logp_ref)
-        with torch.no_grad(), C.autocast(device):
-            logits_ref = C.response_logits(kl_ref, query, response, pad, eos, args.temperature)
-            logp_ref = C.gather_logprobs(logits_ref, response) * mask                  # (B, R)
-            logp_sft = logp_ref
-            values_old = ppo.token_values(value_model, query, response, pad, eos) * mask
-        score = ppo.score_responses(rm, query, response, pad, eos, args.no_eos_score)  # (B,)
-        C.check_finite(score, "reward", "ppo", update)
-        C.check_finite(values_old, "value", "ppo", update)
-
-        # 3.-4. rewards, advantages, returns
-        rewards = ppo.token_rewards(logp_old, logp_ref, score, mask, args.beta)
-        C.check_finite(rewards, "KL penalty", "ppo", update)
-        advantages, returns = ppo.gae(rewards, values_old, mask, args.gamma, args.gae_lambda)
-        advantages = ppo.masked_whiten(advantages, mask)
-        C.check_finite(advantages, "advantage", "ppo", update)
-
-        # 5. PPO epochs over minibatches
-        policy.train()
-        value_model.train()
-        stats = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": [], "entropy": []}
-        for epoch in range(args.ppo_epochs):
-            order = torch.randperm(B, device=device)
-            for k in range(args.minibatches):
-                idx = order[k * mb_size:(k + 1) * mb_size]
-                q, r, m = query[idx], response[idx], mask[idx]
-                with C.autocast(device):
-                    logits = C.response_logits(policy, q, r, pad, eos, args.temperature)
-                    values = ppo.token_values(value_model, q, r, pad, eos)
-                logp = C.gather_logprobs(logits, r)
-                pg_loss, vf_loss, clipfrac, approx_kl = ppo.ppo_losses(
-                    logp, logp_old[idx], advantages[idx], values, values_old[idx], returns[idx], m,
-                    args.clip, args.vf_clip)
-                loss = pg_loss + args.vf_coef * vf_loss
-                C.check_finite(loss, "loss", "ppo", update)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                opt.step()
-                with torch.no_grad():
-                    p_log = torch.log_softmax(logits, dim=-1)
-                    entropy = ppo.masked_mean(-(p_log.exp() * p_log).sum(-1), m)
-                for key, v in zip(stats, (pg_loss, vf_loss, clipfrac, approx_kl, entropy)):
-                    stats[key].append(v.item())
-        lr = sched.get_last_lr()[0]
-        sched.step()
-
-        # 6. the log row (gold reward included: decoding is part of ppo.py's update)
-        texts, ended = C.decode_responses(tokenizer, response, eos)
-        metrics.append({
-            "update": update,
-            "kl_to_ref": ((logp_old - logp_ref) * mask).sum(1).mean().item(),
-            "kl_to_sft": ((logp_old - logp_sft) * mask).sum(1).mean().item(),
-            "proxy_reward": score.mean().item(),
-            "gold_reward": C.gold_rewards(batch_prompts, texts, ended).mean().item(),
-            "response_length": mask.sum(1).mean().item(),
-            "no_eos_fraction": 1.0 - sum(ended) / B,
-            **{k: sum(v) / len(v) for k, v in stats.items()}, "lr": lr,
-        })
+        # the KL reference is the SFT policy here (as in round 1), so sft=None
+        metrics.append(ppo.ppo_update(update, prompts[(update - 1) * B:update * B], policy,
+                                      value_model, kl_ref, None, rm, tokenizer, opt, sched, gen,
+                                      args, max_new_tokens=RESPONSE_LEN))
         return time.perf_counter() - t0
 
     return step, metrics, opt
