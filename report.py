@@ -164,13 +164,21 @@ def plot(report: dict, path: Path) -> None:
         axes[0].plot(ep, [p["gold"] for p in c], label=LABELS[arm])
         axes[1].plot(ep, [p["proxy"] for p in c], label=LABELS[arm])
         axes[2].plot([p["kl_to_sft"] for p in c], [p["gold"] for p in c], ".-", label=LABELS[arm])
+    finish_figure(fig, axes, "KL to SFT", f"seed {report['seed']}: held-out prompts, T = 0.7 samples",
+                  path)
+
+
+def finish_figure(fig, axes, kl_label: str, title: str, path: Path) -> None:
+    """Axis labels, grid, legend and title of the three-panel figure; save and close it."""
+    import matplotlib.pyplot as plt
+
     for ax, (x, y) in zip(axes, (("episodes", "gold reward"), ("episodes", "proxy reward (own RM)"),
-                                 ("KL to SFT", "gold reward"))):
+                                 (kl_label, "gold reward"))):
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"seed {report['seed']}: held-out prompts, T = 0.7 samples")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -355,16 +363,9 @@ def plot_aggregate(agg: dict, path: Path) -> None:
                                       elinewidth=0.8, label=LABELS[arm])
         for bar in bars:
             bar.set_alpha(0.4)
-    for ax, (x, y) in zip(axes, (("episodes", "gold reward"), ("episodes", "proxy reward (own RM)"),
-                                 ("KL to SFT (mean over seeds)", "gold reward"))):
-        ax.set_xlabel(x)
-        ax.set_ylabel(y)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(f"mean ± s.e. over {len(agg['seeds'])} seeds: held-out prompts, T = 0.7 samples")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    finish_figure(fig, axes, "KL to SFT (mean over seeds)",
+                  f"mean ± s.e. over {len(agg['seeds'])} seeds: held-out prompts, T = 0.7 samples",
+                  path)
 
 
 # ----------------------------------------------------------------------------------------------
