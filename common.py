@@ -270,6 +270,14 @@ def reward_scores(rm, query, response, pad_id, eos_id) -> torch.Tensor:
     return per_token.gather(1, idx.unsqueeze(1)).squeeze(1) - getattr(rm.config, "reward_bias", 0.0)
 
 
+@torch.no_grad()
+def score_responses(rm, query, response, pad_id, eos_id, no_eos_score: float = -1.0):
+    """The RM's reward as PPO uses it: the score at the EOS token, or `no_eos_score` for a
+    response that never ends (PAPER.md section 4): (B,)."""
+    score = reward_scores(rm, query, response, pad_id, eos_id)
+    return torch.where(has_eos(response, eos_id), score, torch.full_like(score, no_eos_score))
+
+
 @torch.no_grad()   # not inference_mode: PPO's losses use these log-probs next to autograd tensors
 def sample(model, query, pad_id, eos_id, max_new_tokens: int, temperature: float,
            generator: torch.Generator, stage: str = "sample", step: int | None = None):
@@ -397,8 +405,7 @@ def atomic_output(out: str | Path):
     leaves at most `.NAME.tmp`, which the next attempt deletes and redoes.
     """
     out = Path(out)
-    if out.exists():
-        raise StageError(f"{out} already exists; delete it to redo this stage")
+    check_output(out)                          # again: it may have appeared since the stage began
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.tmp"

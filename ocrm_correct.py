@@ -131,8 +131,7 @@ def policy_pair_accuracy(rms: dict, policy, tokenizer, num_prompts: int, seed: i
     untied = gold[0] != gold[1]
     out = {"num_untied_pairs": int(untied.sum())}
     for name, rm in rms.items():
-        score = [torch.where(C.has_eos(r, eos), C.reward_scores(rm, query, r, pad, eos).cpu(),
-                             torch.tensor(-1.0)) for r in pair]
+        score = [C.score_responses(rm, query, r, pad, eos).cpu() for r in pair]
         agree = (score[0] > score[1]) == (gold[0] > gold[1])
         out[name] = agree[untied].float().mean().item()
     return out

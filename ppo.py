@@ -141,12 +141,6 @@ def token_values(value_model, query, response, pad, eos):
 # ----------------------------------------------------------------------------------------------
 # Evaluation on the fixed held-out prompts
 # ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def score_responses(rm, query, response, pad, eos, no_eos_score):
-    score = C.reward_scores(rm, query, response, pad, eos)
-    return torch.where(C.has_eos(response, eos), score, torch.full_like(score, no_eos_score))
-
-
 @torch.inference_mode()
 def evaluate(policy, sft, rm, tokenizer, prompts, query, args, temperature, update, seed=0):
     """Gold, proxy and KL to SFT of `policy` on the held-out prompts (fixed sampling seed)."""
@@ -159,7 +153,7 @@ def evaluate(policy, sft, rm, tokenizer, prompts, query, args, temperature, upda
                                  response) * mask
     return {
         "gold": C.gold_rewards(prompts, texts, ended).mean().item(),
-        "proxy": score_responses(rm, query, response, pad, eos, args.no_eos_score).mean().item(),
+        "proxy": C.score_responses(rm, query, response, pad, eos, args.no_eos_score).mean().item(),
         "kl_to_sft": (logp - logp_sft).sum(dim=1).mean().item(),
         "response_length": mask.sum(dim=1).float().mean().item(),
     }, response, texts, ended
@@ -196,7 +190,7 @@ def ppo_update(update, batch_prompts, policy, value_model, kl_ref, sft, rm, toke
             logits_sft = C.response_logits(sft, query, response, pad, eos, args.temperature)
             logp_sft = C.gather_logprobs(logits_sft, response) * mask
         values_old = token_values(value_model, query, response, pad, eos) * mask   # (B, R)
-    score = score_responses(rm, query, response, pad, eos, args.no_eos_score)  # (B,)
+    score = C.score_responses(rm, query, response, pad, eos, args.no_eos_score)  # (B,)
     C.check_finite(score, "reward", "ppo", update)
     C.check_finite(values_old, "value", "ppo", update)
 
