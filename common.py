@@ -1,5 +1,6 @@
-"""Shared plumbing for every stage: the embedded task, tokenizer, gold reward, sampling,
-sequence log-probs, reward-model scoring, checkpoint I/O, seeding and devices.
+"""Shared plumbing for every stage: the tasks (the embedded one and any prompt/reference dataset
+with a Hugging Face gold reward model), tokenizer, sampling, sequence log-probs, reward-model
+scoring, checkpoint I/O, seeding and devices.
 
 Nothing in here is OCRM-specific math; each stage's algorithm lives in its own file
 (sft.py, reward_model.py, ppo.py, ocrm_correct.py). What is here is written once because
@@ -37,6 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import datasets  # noqa: E402  (after the env var above)
 import transformers  # noqa: E402
 from transformers import (  # noqa: E402
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -157,6 +159,221 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 # ----------------------------------------------------------------------------------------------
+# Tasks: where the prompts, the reference responses and the gold reward come from.
+# sft.py chooses the task and writes it to task.json beside the SFT checkpoint; every later stage
+# reads it from --sft, so all stages of a run see the same data and the same gold reward.
+#   ToyTask   the embedded task above (no download)
+#   TextTask  any prompt/reference dataset (TL;DR in the paper) and a Hugging Face
+#             sequence-classification model as the gold reward (Skywork-Reward in the paper)
+# Both give the same methods; the stages never ask which one they have.
+# ----------------------------------------------------------------------------------------------
+TASK_FILE = "task.json"
+
+
+class ToyTask:
+    cheap_gold = True                       # gold is a Python function: log it on every update
+    max_prompt_len = None
+    response_len = RESPONSE_LEN
+
+    def __init__(self, spec: dict | None = None):
+        self.spec = {"kind": "toy"}
+
+    def sft_examples(self, n: int, seed: int):
+        rng = random.Random(seed)
+        prompts = make_prompts(n, seed=seed)
+        return prompts, [reference_response(p, rng) for p in prompts]
+
+    def pair_prompts(self, n: int, seed: int) -> list[str]:
+        return make_prompts(n, seed=seed + 1000)           # not the SFT prompts' stream
+
+    def ppo_prompts(self, n: int, seed: int) -> list[str]:
+        return make_prompts(n, seed=seed)
+
+    def eval_examples(self, n: int):
+        """The fixed held-out prompts of every evaluation, with one reference answer each."""
+        rng = random.Random(12345)
+        prompts = eval_prompts(n)
+        return prompts, [reference_response(p, rng) for p in prompts]
+
+    def centring_examples(self, n: int, seed: int):
+        rng = random.Random(seed)
+        prompts = make_prompts(n, seed=seed + 2000, held_out=True)
+        return prompts, [reference_response(p, rng) for p in prompts]
+
+    def gold(self, prompts: list[str], texts: list[str], ended: list[bool]) -> torch.Tensor:
+        return gold_rewards(prompts, texts, ended)
+
+
+def load_text_dataset(name: str, prompt_field: str, response_field: str):
+    """(train, held_out) lists of (prompt, reference) from a hub dataset or a local JSON/JSONL file.
+
+    Held out is the dataset's `validation` (else `test`) split; a dataset with one split (a local
+    file) holds out every 10th row.
+    """
+    try:
+        if Path(name).is_file():
+            data = datasets.load_dataset("json", data_files=str(name))
+        else:
+            data = datasets.load_dataset(name)
+    except Exception as e:
+        raise StageError(f"could not load the dataset {name}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}")
+    if "train" not in data:
+        raise StageError(f"the dataset {name} has no train split (it has {list(data)})")
+    held_name = next((s for s in ("validation", "test") if s in data), None)
+    for split in ("train", held_name):
+        if split is None:
+            continue
+        missing = [f for f in (prompt_field, response_field) if f not in data[split].column_names]
+        if missing:
+            raise StageError(f"the {split} split of {name} has no column(s) {missing}; it has "
+                             f"{data[split].column_names}: set --prompt_field / --response_field")
+
+    def rows(split):
+        return list(zip(split[prompt_field], split[response_field]))
+
+    train = rows(data["train"])
+    if held_name is not None:
+        held_out = rows(data[held_name])
+    else:
+        held_out = [r for i, r in enumerate(train) if i % 10 == 0]
+        train = [r for i, r in enumerate(train) if i % 10 != 0]
+    if not train or not held_out:
+        raise StageError(f"the dataset {name} is too small: {len(train)} training and "
+                         f"{len(held_out)} held-out rows")
+    return train, held_out
+
+
+def _take(rows: list, n: int, seed: int) -> list:
+    """n rows in a seeded random order, going round again if n > len(rows); n = 0 means all."""
+    n = n or len(rows)
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        out += rng.sample(rows, len(rows))
+    return out[:n]
+
+
+class GoldRewardModel:
+    """A Hugging Face sequence classifier as the gold reward, with its own tokenizer.
+
+    Our responses are token ids of the policy's tokenizer; the gold RM has another one. So: decode
+    to text, put prompt and response into the gold tokenizer's chat template (user turn, assistant
+    turn) when it has one, else concatenate them, re-encode with the gold tokenizer, and score in
+    batches. The model sits in CPU memory and moves to the device only while it scores (an 8B
+    gold RM and a policy being trained do not fit one GPU together); bf16 on CUDA.
+    """
+
+    def __init__(self, name: str, device, batch_size: int = 16, max_len: int = 1024):
+        self.name, self.device = name, torch.device(device)
+        self.batch_size, self.max_len = batch_size, max_len
+        self.tokenizer = load_tokenizer(name)
+        if self.tokenizer.pad_token_id is None:        # left padding makes the pad id irrelevant
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype).eval()
+        except Exception as e:
+            raise StageError(f"could not load the gold reward model {name}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}")
+        if self.model.config.num_labels != 1:
+            raise StageError(f"the gold reward model {name} has {self.model.config.num_labels} "
+                             f"outputs; a reward model has one")
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.requires_grad_(False)
+
+    def encode(self, prompt: str, response: str) -> list[int]:
+        """Gold-tokenizer ids of one (prompt, response), at most max_len (the start is cut)."""
+        if self.tokenizer.chat_template:
+            chat = [{"role": "user", "content": prompt.strip()},
+                    {"role": "assistant", "content": response.strip()}]
+            text = self.tokenizer.apply_chat_template(chat, tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]  # template has BOS
+        else:
+            ids = self.tokenizer(prompt + response)["input_ids"]
+        return ids[-self.max_len:]
+
+    @torch.inference_mode()
+    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """Gold score of each (prompt, response), float32 on the CPU: (N,)."""
+        pad = self.tokenizer.pad_token_id
+        out = []
+        self.model.to(self.device)
+        try:
+            for i in range(0, len(prompts), self.batch_size):
+                ids = [self.encode(p, r) for p, r in zip(prompts[i:i + self.batch_size],
+                                                         responses[i:i + self.batch_size])]
+                width = max(len(x) for x in ids)
+                # left padding: the last position is every row's last real token, which is where
+                # the classifier reads its score
+                input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+                mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+                logits = self.model(input_ids=input_ids.to(self.device),
+                                    attention_mask=mask.to(self.device)).logits
+                out.append(logits[:, 0].float().cpu())
+        finally:
+            self.model.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return torch.cat(out)
+
+
+class TextTask:
+    """Prompts and references from a dataset; gold = a Hugging Face reward model (PAPER.md s. 6)."""
+    cheap_gold = False                      # an 8B forward per batch: gold only at evaluations
+
+    def __init__(self, spec: dict, device="cpu"):
+        self.spec = spec
+        self.max_prompt_len = spec["max_prompt_len"]
+        self.response_len = spec["response_len"]
+        self.train, self.held_out = load_text_dataset(spec["dataset"], spec["prompt_field"],
+                                                      spec["response_field"])
+        self.device = device
+        self._gold = None                   # loaded on first use: SFT never needs it
+
+    def sft_examples(self, n: int, seed: int):
+        prompts, references = zip(*_take(self.train, n, seed))
+        return list(prompts), list(references)
+
+    def pair_prompts(self, n: int, seed: int) -> list[str]:
+        return [p for p, _ in _take(self.train, n, seed + 1000)]
+
+    def ppo_prompts(self, n: int, seed: int) -> list[str]:
+        return [p for p, _ in _take(self.train, n, seed)]
+
+    def eval_examples(self, n: int):
+        prompts, references = zip(*self.held_out[:n])
+        return list(prompts), list(references)
+
+    def centring_examples(self, n: int, seed: int):
+        prompts, references = zip(*_take(self.held_out, min(n, len(self.held_out)), seed + 2000))
+        return list(prompts), list(references)
+
+    def gold(self, prompts: list[str], texts: list[str], ended: list[bool]) -> torch.Tensor:
+        """The gold RM scores the text as it is; a response without EOS is scored truncated."""
+        if self._gold is None:
+            s = self.spec
+            self._gold = GoldRewardModel(s["gold_model"], self.device, s["gold_batch_size"],
+                                         s["gold_max_len"])
+        return self._gold.score(prompts, texts)
+
+
+def save_task(task, directory: Path) -> None:
+    write_json(Path(directory) / TASK_FILE, task.spec)
+
+
+def load_task(sft_dir, device="cpu"):
+    """The task a run's SFT stage was made with (an SFT directory without task.json is the toy)."""
+    file = Path(sft_dir) / TASK_FILE
+    spec = json.loads(file.read_text()) if file.is_file() else {"kind": "toy"}
+    if spec.get("kind") == "toy":
+        return ToyTask()
+    if spec.get("kind") == "text":
+        return TextTask(spec, device)
+    raise StageError(f"{file} names an unknown task kind {spec.get('kind')!r}")
+
+
+# ----------------------------------------------------------------------------------------------
 # Seeding and devices
 # ----------------------------------------------------------------------------------------------
 def set_seed(seed: int) -> None:
@@ -187,17 +404,23 @@ def autocast(device: torch.device):
 # ----------------------------------------------------------------------------------------------
 # Tensors for (prompt, response) pairs
 # ----------------------------------------------------------------------------------------------
-def encode_prompts(tokenizer, prompts: list[str]) -> torch.Tensor:
-    """Left-padded prompt ids (B, P)."""
+def encode_prompts(tokenizer, prompts: list[str], max_len: int | None = None) -> torch.Tensor:
+    """Left-padded prompt ids (B, P); a prompt longer than max_len keeps its LAST max_len tokens
+    (the end of a prompt, e.g. TL;DR's closing "TL;DR:", is what the response continues)."""
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if max_len is not None:
+        ids = [x[-max_len:] for x in ids]
     width = max(len(x) for x in ids)
     return torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids])
 
 
 def encode_responses(tokenizer, responses: list[str], length: int = RESPONSE_LEN) -> torch.Tensor:
-    """Response ids (B, R): the words, then <eos>, then pad. Truncated to R tokens."""
+    """Response ids (B, R): the words, then <eos>, then pad. Truncated to R tokens.
+    A reference that already ends in the EOS text (TL;DR's end in "<|endoftext|>") gets one EOS."""
     rows = []
     for r in responses:
+        if tokenizer.eos_token and r.endswith(tokenizer.eos_token):
+            r = r[:-len(tokenizer.eos_token)]
         ids = tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = ids[:length]
         rows.append(ids + [tokenizer.pad_token_id] * (length - len(ids)))
@@ -230,9 +453,12 @@ def model_inputs(query: torch.Tensor, response: torch.Tensor, pad_id: int, eos_i
 def response_logits(model, query, response, pad_id, eos_id, temperature: float) -> torch.Tensor:
     """Logits / T that predict each response token: (B, R, V)."""
     input_ids, mask, pos = model_inputs(query, response, pad_id, eos_id)
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=pos).logits
-    P = query.shape[1]
-    return logits[:, P - 1:-1].float() / temperature          # position t predicts token t+1
+    R = response.shape[1]
+    # only the last R + 1 positions go through the LM head: (B, P+R, V) logits of a 50k-word
+    # vocabulary and a 512-token prompt would not fit in memory; position t predicts token t+1
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
+                   logits_to_keep=R + 1).logits
+    return logits[:, :-1].float() / temperature                                 # (B, R, V)
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -290,7 +516,8 @@ def sample(model, query, pad_id, eos_id, max_new_tokens: int, temperature: float
     B = query.shape[0]
     mask = (query != pad_id).long()
     pos = (torch.cumsum(mask, dim=1) - 1).clamp(min=0)
-    out = model(input_ids=query, attention_mask=mask, position_ids=pos, use_cache=True)
+    out = model(input_ids=query, attention_mask=mask, position_ids=pos, use_cache=True,
+                logits_to_keep=1)                          # the prompt's other logits are unused
     tokens, logps = [], []
     for _ in range(max_new_tokens):
         check_finite(out.logits[:, -1], "policy logits", stage, step)
@@ -364,6 +591,35 @@ def load_tokenizer(path):
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:
         raise StageError(f"could not load a tokenizer from {path}: {str(e).splitlines()[0]}")
+
+
+def load_pretrained_policy(name: str, gradient_checkpointing: bool = False):
+    """A hub (or local) causal LM to start SFT from: dropout off, a pad token distinct from EOS.
+
+    Pythia's tokenizer has no pad token, and padding with EOS would make the pad positions
+    indistinguishable from the end of a response (PAPER.md section 5), so we add `[PAD]`.
+    """
+    tokenizer = load_tokenizer(name)
+    if tokenizer.eos_token_id is None:
+        raise StageError(f"the tokenizer of {name} has no EOS token; responses could never end")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    try:
+        config = AutoConfig.from_pretrained(name)
+        for key, value in config.to_dict().items():      # every dropout probability -> 0
+            if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+                setattr(config, key, 0.0)
+        model = AutoModelForCausalLM.from_pretrained(name, config=config)
+    except Exception as e:
+        raise StageError(f"could not load the model {name}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}")
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:   # room for [PAD]
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model, tokenizer
 
 
 def load_policy(path, device, what_to_run: str = "sft.py"):

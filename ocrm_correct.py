@@ -65,6 +65,7 @@ def parse_args(argv=None):
                    help="held-out prompts for that diagnostic (two samples each at T = 1.0)")
     RM.add_fit_args(p)
     args = p.parse_args(argv)
+    RM.check_fit_args(args)
     if not 0.0 <= args.alpha < 1.0:
         raise C.StageError(f"--alpha must be in [0, 1), got {args.alpha}")
     if args.lam < 0 or args.clip < 0:
@@ -114,7 +115,8 @@ def weight_diagnostics(w) -> dict:
 
 
 @torch.inference_mode()
-def policy_pair_accuracy(rms: dict, policy, tokenizer, num_prompts: int, seed: int, device) -> dict:
+def policy_pair_accuracy(rms: dict, policy, tokenizer, task, num_prompts: int, seed: int, device,
+                         batch_size: int = 512) -> dict:
     """How well each RM ranks what the policy now produces: the error the correction targets.
 
     Two fresh responses per held-out prompt from pi_k (T = 1.0), labelled by the gold reward;
@@ -122,16 +124,18 @@ def policy_pair_accuracy(rms: dict, policy, tokenizer, num_prompts: int, seed: i
     (a response without EOS scores -1, as in PPO).
     """
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    prompts = C.eval_prompts(num_prompts)
-    query = C.encode_prompts(tokenizer, prompts).to(device)
+    prompts, _ = task.eval_examples(num_prompts)
+    query = C.encode_prompts(tokenizer, prompts, task.max_prompt_len).to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    pair = [C.sample(policy, query, pad, eos, C.RESPONSE_LEN, 1.0, gen, "ocrm_correct")[0]
-            for _ in range(2)]
-    gold = [C.gold_rewards(prompts, *C.decode_responses(tokenizer, r, eos)) for r in pair]
+    pair = [torch.cat([C.sample(policy, q, pad, eos, task.response_len, 1.0, gen, "ocrm_correct")[0]
+                       for q in query.split(batch_size)]) for _ in range(2)]
+    gold = [task.gold(prompts, *C.decode_responses(tokenizer, r, eos)) for r in pair]
     untied = gold[0] != gold[1]
     out = {"num_untied_pairs": int(untied.sum())}
     for name, rm in rms.items():
-        score = [C.score_responses(rm, query, r, pad, eos).cpu() for r in pair]
+        score = [torch.cat([C.score_responses(rm, q, r, pad, eos).cpu()
+                            for q, r in zip(query.split(batch_size), resp.split(batch_size))])
+                 for resp in pair]
         agree = (score[0] > score[1]) == (gold[0] > gold[1])
         out[name] = agree[untied].float().mean().item()
     return out
@@ -172,7 +176,7 @@ def main(argv=None):
         pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
         query = torch.tensor(data["prompt_ids"], device=device)
         logp = {name: C.sequence_logprobs(policy, query, torch.tensor(data[f"{name}_ids"], device=device),
-                                          pad, eos, temperature=1.0).cpu()
+                                          pad, eos, 1.0, args.forward_batch_size).cpu()
                 for name in ("chosen", "rejected")}
         # b. the weights
         w = pair_weights(logp["chosen"], logp["rejected"],
@@ -200,8 +204,9 @@ def main(argv=None):
     if args.reward_model_before:
         rm_before, tok_before = C.load_reward_model(args.reward_model_before, device)
         C.check_same_tokenizer(tok, tok_before, args.out, args.reward_model_before)
-        acc = policy_pair_accuracy({"before": rm_before, "after": rm}, policy, tokenizer,
-                                   args.diag_prompts, args.seed, device)
+        task = C.load_task(args.sft, device)
+        acc = policy_pair_accuracy({"before": rm_before, "after": rm}, policy, tokenizer, task,
+                                   args.diag_prompts, args.seed, device, args.forward_batch_size)
         info["policy_pair_accuracy"] = acc
         print(f"ocrm: pairwise accuracy vs gold on {acc['num_untied_pairs']} fresh policy pairs: "
               f"{acc['before']:.3f} before the correction, {acc['after']:.3f} after")

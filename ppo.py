@@ -17,8 +17,10 @@ Per update (numbered as in the code below):
       L_vf = 0.5 E[ max((V - R)^2, (clip(V, V_old +- 0.2) - R)^2) ],   L = L_pg + 0.1 L_vf
     AdamW, learning rate decayed linearly to 0 over the stage.
 Every --eval_every updates: gold and proxy reward and KL to SFT on a fixed held-out prompt set
-(T = 0.7 samples). At the end: near-greedy (T = 0.01) gold, gold win rate against the SFT
-policy's near-greedy responses to the same prompts.
+(T = 0.7 samples). At the end: near-greedy (T = 0.01) gold, gold win rates against the SFT
+policy's near-greedy responses to the same prompts and against the task's reference responses.
+The task (prompts, response length, gold reward: the embedded program or a gold RM) is the one
+sft.py wrote to --sft/task.json.
 
 In : --init, --kl_ref, --sft (policies), --reward_model (RM)
 Out: --out  the policy as a Hugging Face directory, plus metrics.jsonl (one line per update),
@@ -69,6 +71,13 @@ def parse_args(argv=None):
     p.add_argument("--no_eos_score", type=float, default=-1.0, help="score of a response with no EOS")
     p.add_argument("--eval_every", type=int, default=10, help="updates between held-out evaluations")
     p.add_argument("--eval_prompts", type=int, default=512, help="size of the fixed held-out prompt set")
+    p.add_argument("--micro_batch_size", type=int, default=0,
+                   help="episodes per forward/backward inside a minibatch; gradients accumulate "
+                        "(0: the whole minibatch at once)")
+    p.add_argument("--gradient_checkpointing", type=int, default=0,
+                   help="1: recompute policy and value activations in the backward pass")
+    p.add_argument("--forward_batch_size", type=int, default=512,
+                   help="sequences per no-grad forward in evaluation")
     args = p.parse_args(argv)
     if args.updates <= 0 or args.batch_size <= 0 or args.eval_every <= 0:
         raise C.StageError("--updates, --batch_size and --eval_every must be positive")
@@ -76,6 +85,11 @@ def parse_args(argv=None):
         raise C.StageError("--minibatches and --ppo_epochs must be positive")
     if args.batch_size % args.minibatches:
         raise C.StageError("--batch_size must be divisible by --minibatches")
+    minibatch = args.batch_size // args.minibatches
+    if args.micro_batch_size < 0 or minibatch % (args.micro_batch_size or minibatch):
+        raise C.StageError(f"--micro_batch_size must divide the minibatch size ({minibatch})")
+    if args.forward_batch_size <= 0:
+        raise C.StageError("--forward_batch_size must be positive")
     return args
 
 
@@ -142,41 +156,49 @@ def token_values(value_model, query, response, pad, eos):
 # Evaluation on the fixed held-out prompts
 # ----------------------------------------------------------------------------------------------
 @torch.inference_mode()
-def evaluate(policy, sft, rm, tokenizer, prompts, query, args, temperature, update, seed=0):
+def evaluate(policy, sft, rm, tokenizer, task, prompts, query, args, temperature, update, seed=0):
     """Gold, proxy and KL to SFT of `policy` on the held-out prompts (fixed sampling seed)."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     gen = torch.Generator(device=query.device).manual_seed(seed)
-    response, logp = C.sample(policy, query, pad, eos, C.RESPONSE_LEN, temperature, gen, "ppo", update)
+    response, logp, logp_sft, proxy = [], [], [], []
+    for q in query.split(args.forward_batch_size):
+        r, lp = C.sample(policy, q, pad, eos, task.response_len, temperature, gen, "ppo", update)
+        m = C.response_mask(r, eos)
+        logp_sft.append(C.gather_logprobs(C.response_logits(sft, q, r, pad, eos, temperature), r) * m)
+        proxy.append(C.score_responses(rm, q, r, pad, eos, args.no_eos_score))
+        response.append(r)
+        logp.append(lp)
+    response, logp, logp_sft = torch.cat(response), torch.cat(logp), torch.cat(logp_sft)
     texts, ended = C.decode_responses(tokenizer, response, eos)
-    mask = C.response_mask(response, eos)
-    logp_sft = C.gather_logprobs(C.response_logits(sft, query, response, pad, eos, temperature),
-                                 response) * mask
+    gold = task.gold(prompts, texts, ended)
     return {
-        "gold": C.gold_rewards(prompts, texts, ended).mean().item(),
-        "proxy": C.score_responses(rm, query, response, pad, eos, args.no_eos_score).mean().item(),
+        "gold": gold.mean().item(),
+        "proxy": torch.cat(proxy).mean().item(),
         "kl_to_sft": (logp - logp_sft).sum(dim=1).mean().item(),
-        "response_length": mask.sum(dim=1).float().mean().item(),
-    }, response, texts, ended
+        "response_length": C.response_mask(response, eos).sum(dim=1).float().mean().item(),
+    }, gold, texts
 
 
 def ppo_update(update, batch_prompts, policy, value_model, kl_ref, sft, rm, tokenizer, opt, sched,
-               gen, args, max_new_tokens: int = C.RESPONSE_LEN) -> dict:
+               gen, args, task) -> dict:
     """One PPO update (steps 1-6 of the module docstring) on one batch of prompts; its log row.
 
     `sft` is None when the KL reference is the SFT policy itself (KL to SFT = KL to the reference).
     The optimizer holds the policy's and the value model's parameters; `sched` decays its lr.
+    `task` gives the response length, the prompt truncation and the gold reward.
     """
     device = next(policy.parameters()).device
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     B, mb_size = len(batch_prompts), len(batch_prompts) // args.minibatches
+    micro = args.micro_batch_size or mb_size
     params = [p for group in opt.param_groups for p in group["params"]]
     t0 = time.time()
-    query = C.encode_prompts(tokenizer, batch_prompts).to(device)                  # (B, P)
+    query = C.encode_prompts(tokenizer, batch_prompts, task.max_prompt_len).to(device)  # (B, P)
 
     # 1. rollout at T = 0.7; log pi_old comes with the samples
     policy.eval()
     value_model.eval()
-    response, logp_old = C.sample(policy, query, pad, eos, max_new_tokens, args.temperature, gen,
+    response, logp_old = C.sample(policy, query, pad, eos, task.response_len, args.temperature, gen,
                                   "ppo", update)
     mask = C.response_mask(response, eos).float()                               # (B, R)
 
@@ -210,41 +232,49 @@ def ppo_update(update, batch_prompts, policy, value_model, kl_ref, sft, rm, toke
         order = torch.randperm(B, device=device)
         for k in range(args.minibatches):
             idx = order[k * mb_size:(k + 1) * mb_size]
-            q, r, m = query[idx], response[idx], mask[idx]
-            with C.autocast(device):
-                logits = C.response_logits(policy, q, r, pad, eos, args.temperature)  # (b, R, V)
-                values = token_values(value_model, q, r, pad, eos)                    # (b, R)
-            logp = C.gather_logprobs(logits, r)
-            pg_loss, vf_loss, clipfrac, approx_kl = ppo_losses(
-                logp, logp_old[idx], advantages[idx], values, values_old[idx], returns[idx], m,
-                args.clip, args.vf_clip)
-            loss = pg_loss + args.vf_coef * vf_loss
-            C.check_finite(loss, "loss", "ppo", update)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for mb in idx.split(micro):      # gradient accumulation; one piece unless --micro_batch_size
+                q, r, m = query[mb], response[mb], mask[mb]
+                with C.autocast(device):
+                    logits = C.response_logits(policy, q, r, pad, eos, args.temperature)  # (b, R, V)
+                    values = token_values(value_model, q, r, pad, eos)                    # (b, R)
+                logp = C.gather_logprobs(logits, r)
+                pg_loss, vf_loss, clipfrac, approx_kl = ppo_losses(
+                    logp, logp_old[mb], advantages[mb], values, values_old[mb], returns[mb], m,
+                    args.clip, args.vf_clip)
+                loss = pg_loss + args.vf_coef * vf_loss
+                C.check_finite(loss, "loss", "ppo", update)
+                # the minibatch's loss is the size-weighted mean of its micro-batches' (masked)
+                # means: the token mean over the whole minibatch when there is one micro-batch
+                (loss * (len(mb) / len(idx))).backward()
+                with torch.no_grad():
+                    # entropy of pi( . | context) at each real position, averaged over tokens
+                    p_log = torch.log_softmax(logits, dim=-1)
+                    entropy = masked_mean(-(p_log.exp() * p_log).sum(-1), m)
+                for key, v in zip(stats, (pg_loss, vf_loss, clipfrac, approx_kl, entropy)):
+                    stats[key].append(v.item())
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             opt.step()
-            with torch.no_grad():
-                # entropy of pi( . | context) at each real position, averaged over tokens
-                p_log = torch.log_softmax(logits, dim=-1)
-                entropy = masked_mean(-(p_log.exp() * p_log).sum(-1), m)
-            for key, v in zip(stats, (pg_loss, vf_loss, clipfrac, approx_kl, entropy)):
-                stats[key].append(v.item())
     lr = sched.get_last_lr()[0]
     sched.step()
 
     # 6. log: what PPO optimised (proxy) next to what we actually want (gold)
     texts, ended = C.decode_responses(tokenizer, response, eos)
+    seconds = time.time() - t0
     return {
         "update": update, "episodes": update * B,
         "kl_to_ref": ((logp_old - logp_ref) * mask).sum(1).mean().item(),
         "kl_to_sft": ((logp_old - logp_sft) * mask).sum(1).mean().item(),
         "proxy_reward": score.mean().item(),
-        "gold_reward": C.gold_rewards(batch_prompts, texts, ended).mean().item(),
+        # gold of the training batch when it is cheap (the embedded task); a gold RM scores
+        # only at evaluations (null here)
+        "gold_reward": task.gold(batch_prompts, texts, ended).mean().item() if task.cheap_gold else None,
         "response_length": mask.sum(1).mean().item(),
         "no_eos_fraction": 1.0 - sum(ended) / B,
         **{k: sum(v) / len(v) for k, v in stats.items()},
-        "lr": lr, "episodes_per_second": B / (time.time() - t0),
+        "lr": lr, "episodes_per_second": B / seconds,
+        # prompt + response tokens through the update, pads excluded
+        "tokens_per_second": ((query != pad).sum() + mask.sum()).item() / seconds,
     }
 
 
@@ -264,6 +294,10 @@ def main(argv=None):
         C.check_same_tokenizer(tokenizer, tok, args.init, name)
     value_model = AutoModelForSequenceClassification.from_pretrained(
         args.reward_model, use_safetensors=True).to(device)
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+        value_model.gradient_checkpointing_enable()
+    task = C.load_task(args.sft, device)
     for m in (kl_ref, sft, rm):
         m.requires_grad_(False)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -272,39 +306,47 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0 - u / args.updates)
 
     B = args.batch_size
-    prompts = C.make_prompts(args.updates * B, seed=args.seed)
+    prompts = task.ppo_prompts(args.updates * B, seed=args.seed)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    ev_prompts = C.eval_prompts(args.eval_prompts)
-    ev_query = C.encode_prompts(tokenizer, ev_prompts).to(device)
+    ev_prompts, ev_references = task.eval_examples(args.eval_prompts)
+    ev_query = C.encode_prompts(tokenizer, ev_prompts, task.max_prompt_len).to(device)
     metrics, curve = [], []
 
     def eval_point(update):
-        stats, *_ = evaluate(policy, sft, rm, tokenizer, ev_prompts, ev_query, args, args.temperature,
-                             update)
+        stats, *_ = evaluate(policy, sft, rm, tokenizer, task, ev_prompts, ev_query, args,
+                             args.temperature, update)
         curve.append({"update": update, "episodes": update * B, **stats})
 
     eval_point(0)
     bar = tqdm(range(1, args.updates + 1), desc="ppo", mininterval=2)
     for update in bar:
         row = ppo_update(update, prompts[(update - 1) * B:update * B], policy, value_model, kl_ref,
-                         None if args.sft == args.kl_ref else sft, rm, tokenizer, opt, sched, gen, args)
+                         None if args.sft == args.kl_ref else sft, rm, tokenizer, opt, sched, gen, args,
+                         task)
         metrics.append(row)
-        bar.set_postfix(gold=f"{row['gold_reward']:.2f}", proxy=f"{row['proxy_reward']:.2f}",
-                        kl=f"{row['kl_to_sft']:.2f}", refresh=False)
+        bar.set_postfix(proxy=f"{row['proxy_reward']:.2f}", kl=f"{row['kl_to_sft']:.2f}",
+                        eps=f"{row['episodes_per_second']:.1f}",
+                        tok_s=f"{row['tokens_per_second']:.0f}", refresh=False)
         if update % args.eval_every == 0 or update == args.updates:
             eval_point(update)
     policy.eval()
 
-    # 7. final evaluation: near-greedy decode, gold win rate against the SFT policy
-    final, resp, texts, _ = evaluate(policy, sft, rm, tokenizer, ev_prompts, ev_query, args, 0.01,
-                                     args.updates)
-    sft_final, _, sft_texts, sft_ended = evaluate(sft, sft, rm, tokenizer, ev_prompts, ev_query,
-                                                  args, 0.01, args.updates)
-    gold_policy = C.gold_rewards(ev_prompts, texts, C.has_eos(resp, eos).tolist())
-    gold_sft = C.gold_rewards(ev_prompts, sft_texts, sft_ended)
-    final["win_rate_vs_sft"] = ((gold_policy > gold_sft).float() + 0.5 * (gold_policy == gold_sft).float()).mean().item()
+    # 7. final evaluation: near-greedy decode; gold win rates against the SFT policy's near-greedy
+    #    responses and against the dataset's reference responses (the paper's headline metric)
+    final, gold_policy, texts = evaluate(policy, sft, rm, tokenizer, task, ev_prompts, ev_query, args,
+                                         0.01, args.updates)
+    sft_final, gold_sft, _ = evaluate(sft, sft, rm, tokenizer, task, ev_prompts, ev_query, args, 0.01,
+                                      args.updates)
+    # the references as the policy would have written them: our tokens (<= R), decoded
+    ref_texts, ref_ended = C.decode_responses(
+        tokenizer, C.encode_responses(tokenizer, ev_references, task.response_len), eos)
+    gold_reference = task.gold(ev_prompts, ref_texts, ref_ended)
+    win_rate = lambda a, b: ((a > b).float() + 0.5 * (a == b).float()).mean().item()  # noqa: E731
+    final["win_rate_vs_sft"] = win_rate(gold_policy, gold_sft)
+    final["win_rate_vs_reference"] = win_rate(gold_policy, gold_reference)
     final["kl_to_sft"] = curve[-1]["kl_to_sft"]        # KL is measured on T = 0.7 samples
-    final["sft"] = {"gold": sft_final["gold"], "proxy": sft_final["proxy"]}  # same prompts, same RM
+    final["sft"] = {"gold": sft_final["gold"], "proxy": sft_final["proxy"],  # same prompts, same RM
+                    "win_rate_vs_reference": win_rate(gold_sft, gold_reference)}
     final["samples"] = [{"prompt": p, "response": t} for p, t in zip(ev_prompts[:8], texts[:8])]
 
     with C.atomic_output(args.out) as tmp:
@@ -315,7 +357,8 @@ def main(argv=None):
         C.write_json(tmp / "final.json", final)
         C.write_json(tmp / "ppo_info.json", {"args": vars(args), "seconds": time.time() - start})
     print(f"ppo: final gold {final['gold']:.3f}, proxy {final['proxy']:.3f}, "
-          f"win rate vs SFT {final['win_rate_vs_sft']:.3f}, KL to SFT {final['kl_to_sft']:.2f}; "
+          f"win rate vs SFT {final['win_rate_vs_sft']:.3f}, vs reference "
+          f"{final['win_rate_vs_reference']:.3f}, KL to SFT {final['kl_to_sft']:.2f}; "
           f"saved {args.out} ({time.time() - start:.0f}s)")
 
 

@@ -20,7 +20,8 @@ Out: --prefs a `datasets` dataset (save_to_disk) with prompt, chosen, rejected, 
 
     python reward_model.py --sft runs/toy-seed1/sft --prefs runs/toy-seed1/prefs --out runs/toy-seed1/rm_1
 
-Departures: the authors label with a gold RM on TL;DR; here gold is the task's program.
+Departures: the authors label with a gold RM on TL;DR; on the embedded task gold is the task's
+program (with sft.py --dataset it is the gold RM named there, as in the paper).
 Held-out accuracy is measured on a fixed 10% of the pairs that is never trained on.
 By default the SFT backbone is frozen and only the scalar head is fitted (--train_backbone 0), where
 the authors fine-tune the whole RM: a linear head on fixed features is a misspecified RM whose best
@@ -58,6 +59,13 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
                         "linear head (a deliberately misspecified RM)")
     p.add_argument("--heldout_fraction", type=float, default=0.1,
                    help="fraction of pairs kept out of training for the accuracy check")
+    p.add_argument("--micro_batch_size", type=int, default=0,
+                   help="pairs per forward/backward; gradients accumulate over a batch "
+                        "(0: the whole batch at once)")
+    p.add_argument("--gradient_checkpointing", type=int, default=0,
+                   help="1: recompute the backbone's activations in the backward pass")
+    p.add_argument("--forward_batch_size", type=int, default=512,
+                   help="sequences per no-grad forward (sampling, log-probs, accuracy)")
 
 
 def parse_args(argv=None):
@@ -73,30 +81,41 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.num_pairs <= 0 or args.epochs <= 0:
         raise C.StageError("--num_pairs and --epochs must be positive")
+    check_fit_args(args)
     return args
+
+
+def check_fit_args(args) -> None:
+    if args.forward_batch_size <= 0 or args.batch_size <= 0:
+        raise C.StageError("--batch_size and --forward_batch_size must be positive")
+    if args.micro_batch_size < 0 or args.batch_size % (args.micro_batch_size or args.batch_size):
+        raise C.StageError("--micro_batch_size must divide --batch_size")
 
 
 # ----------------------------------------------------------------------------------------------
 # 1-2. Sample and label the pairs once
 # ----------------------------------------------------------------------------------------------
-def make_preferences(sft_dir, out, num_pairs: int, label: str, seed: int, device) -> None:
+def make_preferences(sft_dir, out, num_pairs: int, label: str, seed: int, device,
+                     batch_size: int = 512) -> None:
     policy, tokenizer = C.load_policy(sft_dir, device)
+    task = C.load_task(sft_dir, device)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    prompts = C.make_prompts(num_pairs, seed=seed + 1000)       # not the SFT prompts' stream
-    query = C.encode_prompts(tokenizer, prompts).to(device)                     # (N, P)
+    prompts = task.pair_prompts(num_pairs, seed=seed)
+    query = C.encode_prompts(tokenizer, prompts, task.max_prompt_len).to(device)   # (N, P)
     gen = torch.Generator(device=device).manual_seed(seed)
     responses, logps = [], []
-    for i in tqdm(range(0, num_pairs, 512), desc="sample pairs", mininterval=2):
-        q = query[i:i + 512]
-        pair = [C.sample(policy, q, pad, eos, C.RESPONSE_LEN, 1.0, gen, stage="reward_model")[0]
+    for i in tqdm(range(0, num_pairs, batch_size), desc="sample pairs", mininterval=2):
+        q = query[i:i + batch_size]
+        pair = [C.sample(policy, q, pad, eos, task.response_len, 1.0, gen, stage="reward_model")[0]
                 for _ in range(2)]
         responses.append(torch.stack(pair, dim=1))                             # (b, 2, R)
         # l_sft through the same function ocrm_correct.py uses for l_k (same code path, float32)
-        logps.append(torch.stack([C.sequence_logprobs(policy, q, r, pad, eos, 1.0) for r in pair], 1))
+        logps.append(torch.stack([C.sequence_logprobs(policy, q, r, pad, eos, 1.0, batch_size)
+                                  for r in pair], 1))
     responses, logps = torch.cat(responses), torch.cat(logps)                   # (N, 2, R), (N, 2)
 
     texts, ended = zip(*(C.decode_responses(tokenizer, responses[:, j], eos) for j in range(2)))
-    gold = torch.stack([C.gold_rewards(prompts, texts[j], ended[j]) for j in range(2)], dim=1)
+    gold = torch.stack([task.gold(prompts, list(texts[j]), list(ended[j])) for j in range(2)], dim=1)
     rng = random.Random(seed)
     if label == "argmax":   # higher gold wins; a tie carries no preference, so a coin decides
         first_wins = [g0 > g1 or (g0 == g1 and rng.random() < 0.5) for g0, g1 in gold.tolist()]
@@ -173,6 +192,8 @@ def fit_reward_model(sft_dir, data: datasets.Dataset, args, device, weight=None)
     rm = AutoModelForSequenceClassification.from_pretrained(sft_dir, num_labels=1, use_safetensors=True)
     rm.config.pad_token_id = tokenizer.pad_token_id
     rm.base_model.requires_grad_(bool(args.train_backbone))
+    if args.gradient_checkpointing and args.train_backbone:
+        rm.gradient_checkpointing_enable()
     rm.to(device)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     query = torch.tensor(data["prompt_ids"], device=device)                   # (N, P)
@@ -185,6 +206,7 @@ def fit_reward_model(sft_dir, data: datasets.Dataset, args, device, weight=None)
 
     trained = [p for p in rm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=args.lr, fused=True)           # one kernel, not a loop
+    micro = args.micro_batch_size or args.batch_size
     steps_per_epoch = max(1, len(train_idx) // args.batch_size)
     total = steps_per_epoch * args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / total)
@@ -194,15 +216,19 @@ def fit_reward_model(sft_dir, data: datasets.Dataset, args, device, weight=None)
             order = train_idx[torch.randperm(len(train_idx))]
             for step in range(steps_per_epoch):
                 idx = order[step * args.batch_size:(step + 1) * args.batch_size].to(device)
-                q = query[idx]
-                with C.autocast(device):   # one forward for both responses of every pair: (2B,)
-                    scores = C.reward_scores(rm, torch.cat([q, q]),
-                                             torch.cat([chosen[idx], rejected[idx]]), pad, eos)
-                score_c, score_r = scores.chunk(2)
-                loss = bt_loss(score_c, score_r, weight[idx])
-                C.check_finite(loss, "loss", "reward_model", epoch * steps_per_epoch + step + 1)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = 0.0
+                for mb in idx.split(micro):          # gradient accumulation over micro-batches
+                    q = query[mb]
+                    with C.autocast(device):   # one forward for both responses of every pair: (2b,)
+                        scores = C.reward_scores(rm, torch.cat([q, q]),
+                                                 torch.cat([chosen[mb], rejected[mb]]), pad, eos)
+                    score_c, score_r = scores.chunk(2)
+                    # the batch's mean loss, as a sum of micro-batch means weighted by their size
+                    mb_loss = bt_loss(score_c, score_r, weight[mb]) * (len(mb) / len(idx))
+                    C.check_finite(mb_loss, "loss", "reward_model", epoch * steps_per_epoch + step + 1)
+                    mb_loss.backward()
+                    loss += mb_loss.detach()
                 opt.step()
                 sched.step()
                 bar.update(1)
@@ -210,20 +236,23 @@ def fit_reward_model(sft_dir, data: datasets.Dataset, args, device, weight=None)
     rm.eval()
 
     # 4. centre on held-out reference responses: bias = mean_x r(x, y_ref)
-    rng = random.Random(args.seed)
-    ref_prompts = C.make_prompts(1024, seed=args.seed + 2000, held_out=True)
-    ref_query = C.encode_prompts(tokenizer, ref_prompts).to(device)
-    ref_resp = C.encode_responses(tokenizer, [C.reference_response(p, rng) for p in ref_prompts]).to(device)
+    task = C.load_task(sft_dir)
+    ref_prompts, references = task.centring_examples(1024, seed=args.seed)
+    ref_query = C.encode_prompts(tokenizer, ref_prompts, task.max_prompt_len).to(device)
+    ref_resp = C.encode_responses(tokenizer, references, task.response_len).to(device)
     with torch.inference_mode():
-        bias = C.reward_scores(rm, ref_query, ref_resp, pad, eos).mean().item()
+        bias = torch.cat([C.reward_scores(rm, q, r, pad, eos) for q, r in zip(
+            ref_query.split(args.forward_batch_size), ref_resp.split(args.forward_batch_size))]
+        ).mean().item()
     C.check_finite(bias, "centring bias", "reward_model")
     rm.config.reward_bias = bias
 
     held = held_idx.to(device)
     info = {
-        "heldout_accuracy": pair_accuracy(rm, query[held], chosen[held], rejected[held], pad, eos),
+        "heldout_accuracy": pair_accuracy(rm, query[held], chosen[held], rejected[held], pad, eos,
+                                          args.forward_batch_size),
         "train_accuracy": pair_accuracy(rm, query[train_idx], chosen[train_idx],
-                                        rejected[train_idx], pad, eos),
+                                        rejected[train_idx], pad, eos, args.forward_batch_size),
         "final_loss": loss.item(), "reward_bias": bias, "num_pairs": len(data),
         "weighted": bool((weight != 1).any()),
     }
@@ -244,7 +273,8 @@ def main(argv=None):
     start = time.time()
     C.load_policy(args.sft, "cpu")                                  # fail early with a clear message
     if not Path(args.prefs).exists():
-        make_preferences(args.sft, args.prefs, args.num_pairs, args.label, args.seed, device)
+        make_preferences(args.sft, args.prefs, args.num_pairs, args.label, args.seed, device,
+                         args.forward_batch_size)
     data = load_preferences(args.prefs)
     weight = data["weight"] if "weight" in data.column_names else None
     rm, tokenizer, info = fit_reward_model(args.sft, data, args, device, weight)

@@ -19,10 +19,19 @@
 #   PPO_ARGS   extra flags for every ppo.py call      e.g. "--batch_size 32"
 #   OCRM_ARGS  extra weight flags for ocrm_correct.py e.g. "--lam 0.2 --normalize 1"
 #
+# The paper's setting on one GPU (README "Reproduce the paper on one GPU"): PRESET picks models,
+# data and budgets; the variables above still apply and their flags come after the preset's.
+#   PRESET=tldr        Pythia-1B-deduped on TL;DR, Skywork-Reward-Llama-3.1-8B as gold
+#                      (estimated ~13 h on one 80 GB GPU)
+#   PRESET=tldr_small  Pythia-160M-deduped, fewer pairs and episodes (estimated ~1 h, 40 GB)
+#   MODEL, DATASET, GOLD_MODEL   replace the preset's model / dataset / gold RM (name or path)
+#   RUN_DIR defaults to runs/$PRESET-seed$SEED
+#
 # Several seeds: SEEDS="1 2 3 4 5" bash run_all.sh runs the whole pipeline above once per seed,
-# in turn (SEED=s, RUN_DIR=$RUN_ROOT/toy-seed$s: SEED is ignored, RUN_DIR an error), then averages
-# the seeds' reports with report.py --aggregate into AGG_DIR. Resumes like one seed does.
-#   RUN_ROOT=runs  AGG_DIR=$RUN_ROOT/toy-aggregate
+# in turn (SEED=s, RUN_DIR=$RUN_ROOT/toy-seed$s, or $PRESET-seed$s: SEED is ignored, RUN_DIR an
+# error), then averages the seeds' reports with report.py --aggregate into AGG_DIR. Resumes like
+# one seed does.
+#   RUN_ROOT=runs  AGG_DIR=$RUN_ROOT/toy-aggregate (or $PRESET-aggregate)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -57,10 +66,10 @@ if [ -n "${SEEDS+set}" ]; then
     exit 2
   fi
   RUN_ROOT=${RUN_ROOT:-runs}
-  AGG_DIR=${AGG_DIR:-$RUN_ROOT/toy-aggregate}
+  AGG_DIR=${AGG_DIR:-$RUN_ROOT/${PRESET:-toy}-aggregate}
   run_dirs=()
   for s in "${seeds[@]}"; do
-    run_dir=$RUN_ROOT/toy-seed$s
+    run_dir=$RUN_ROOT/${PRESET:-toy}-seed$s
     run_dirs+=("$run_dir")
     echo "=== seed $s: $run_dir"
     env -u SEEDS SEED="$s" RUN_DIR="$run_dir" bash "$(basename "$0")"   # this script, one seed
@@ -72,15 +81,50 @@ fi
 
 SEED=${SEED:-1}
 ROUNDS=${ROUNDS:-3}
-RUN_DIR=${RUN_DIR:-runs/toy-seed$SEED}
 PYTHON=${PYTHON:-python}
 DEVICE=${DEVICE:-auto}
-UPDATES=${UPDATES:-100}
 SFT_ARGS=${SFT_ARGS:-}
 PAIRS_ARGS=${PAIRS_ARGS:-}
 RM_ARGS=${RM_ARGS:-}
 PPO_ARGS=${PPO_ARGS:-}
 OCRM_ARGS=${OCRM_ARGS:-}
+
+# Presets: the paper's hyperparameters (PAPER.md sections 3-6) scaled to one GPU. Each *_PRESET
+# list goes before the user's *_ARGS, so a flag in *_ARGS overrides the preset's.
+SFT_PRESET="" PAIRS_PRESET="" RM_PRESET="" PPO_PRESET="" OCRM_PRESET=""
+case "${PRESET:-}" in
+  "") RUN_NAME=toy ;;
+  tldr|tldr_small)
+    RUN_NAME=$PRESET
+    DATASET=${DATASET:-vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144}
+    GOLD_MODEL=${GOLD_MODEL:-Skywork/Skywork-Reward-Llama-3.1-8B-v0.2}
+    if [ "$PRESET" = tldr ]; then
+      MODEL=${MODEL:-EleutherAI/pythia-1b-deduped}
+      sft_examples=0 num_pairs=30000 micro=8 eval_prompts=256 UPDATES=${UPDATES:-200}
+    else
+      MODEL=${MODEL:-EleutherAI/pythia-160m-deduped}
+      sft_examples=20000 num_pairs=5000 micro=8 eval_prompts=128 UPDATES=${UPDATES:-60}
+    fi
+    # SFT: 1 epoch, lr 3e-6 (N+ details); prompts of <= 512 tokens, responses of <= 53
+    SFT_PRESET="--model $MODEL --dataset $DATASET --prompt_field query
+      --response_field reference_response --max_prompt_len 512 --response_len 53
+      --gold_model $GOLD_MODEL --gold_batch_size 16 --num_examples $sft_examples --epochs 1
+      --batch_size 64 --micro_batch_size $micro --lr 3e-6"
+    PAIRS_PRESET="--num_pairs $num_pairs --label argmax"
+    # the whole RM is fine-tuned as in the authors' code: 1 epoch, lr 3e-6
+    RM_PRESET="--train_backbone 1 --epochs 1 --batch_size 64 --micro_batch_size $micro --lr 3e-6
+      --forward_batch_size 32"
+    PPO_PRESET="--batch_size 64 --minibatches 2 --micro_batch_size $micro --lr 3e-6 --beta 0.05
+      --temperature 0.7 --eval_prompts $eval_prompts --eval_every 25 --forward_batch_size 32"
+    OCRM_PRESET="--alpha 0.1 --lam 0.001 --diag_prompts $eval_prompts"
+    ;;
+  *) echo "error: unknown PRESET '$PRESET'; use tldr or tldr_small (or unset it for the embedded" \
+       "task)" >&2; exit 2 ;;
+esac
+RUN_DIR=${RUN_DIR:-runs/$RUN_NAME-seed$SEED}
+UPDATES=${UPDATES:-100}
+SFT_ARGS="$SFT_PRESET $SFT_ARGS" PAIRS_ARGS="$PAIRS_PRESET $PAIRS_ARGS"
+RM_ARGS="$RM_PRESET $RM_ARGS" PPO_ARGS="$PPO_PRESET $PPO_ARGS" OCRM_ARGS="$OCRM_PRESET $OCRM_ARGS"
 
 for name in SEED ROUNDS UPDATES; do
   value=${!name}

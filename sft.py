@@ -6,18 +6,25 @@ Embedded default: the "list the prompt's items" task from common.py, a word-leve
 built locally and a tiny GPT-2 built from a config (no downloads). The loss covers the response
 tokens and their EOS only, never the prompt or padding.
 
-In : nothing (the task is generated from --seed)
+The paper's setting (PAPER.md section 6): --model names a causal LM to start from (e.g.
+EleutherAI/pythia-1b-deduped) and --dataset a prompt/reference dataset (Huang et al.'s TL;DR, or a
+local JSON/JSONL file); --gold_model names the Hugging Face reward model that later stages use as
+the gold reward. These choices are the run's task: they are written to task.json here and every
+later stage reads them from --sft.
+
+In : nothing (the embedded task is generated from --seed), or --model / --dataset
 Out: --out  a Hugging Face directory (config.json, model.safetensors, tokenizer files) that
-     AutoModelForCausalLM / AutoTokenizer load without this repo, plus sft_info.json.
+     AutoModelForCausalLM / AutoTokenizer load without this repo, plus task.json, sft_info.json.
 
     python sft.py --out runs/toy-seed1/sft --seed 1
+    python sft.py --out runs/tldr-seed1/sft --model EleutherAI/pythia-1b-deduped \
+        --dataset vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144
 
 Departures: the authors fine-tune Pythia on TL;DR references; the embedded task needs a far
 larger learning rate (1e-3; 3e-3 diverged on the mixed-size task) because the model has
 ~100k parameters.
 """
 import argparse
-import random
 import time
 
 import torch
@@ -34,20 +41,63 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--seed", type=int, default=1, help="random seed (data, init, shuffling)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--num_examples", type=int, default=20000, help="prompt/reference pairs")
+    p.add_argument("--num_examples", type=int, default=None,
+                   help="prompt/reference pairs (default: 20000 for the embedded task, every "
+                        "training row of --dataset)")
     p.add_argument("--epochs", type=int, default=10, help="passes over the examples")
-    p.add_argument("--batch_size", type=int, default=64, help="examples per step")
+    p.add_argument("--batch_size", type=int, default=64, help="examples per optimizer step")
+    p.add_argument("--micro_batch_size", type=int, default=0,
+                   help="examples per forward/backward; gradients accumulate over a batch "
+                        "(0: the whole batch at once)")
+    p.add_argument("--gradient_checkpointing", type=int, default=0,
+                   help="1: recompute activations in the backward pass (less memory, ~30%% slower)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate, linear decay to 0")
     p.add_argument("--n_layer", type=int, default=2, help="transformer layers of the tiny GPT-2")
     p.add_argument("--n_embd", type=int, default=64, help="width of the tiny GPT-2")
     p.add_argument("--n_head", type=int, default=4, help="attention heads of the tiny GPT-2")
+    g = p.add_argument_group("the paper's setting (default: the embedded task and a tiny GPT-2)")
+    g.add_argument("--model", default=None,
+                   help="causal LM name or path to fine-tune instead of the tiny GPT-2, "
+                        "e.g. EleutherAI/pythia-1b-deduped")
+    g.add_argument("--dataset", default=None,
+                   help="hub dataset name or local .json/.jsonl file of prompts and references, "
+                        "e.g. vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144")
+    g.add_argument("--prompt_field", default="query", help="the dataset's prompt column")
+    g.add_argument("--response_field", default="reference_response",
+                   help="the dataset's reference-response column")
+    g.add_argument("--max_prompt_len", type=int, default=512,
+                   help="prompt tokens kept (the last ones), left-padded")
+    g.add_argument("--response_len", type=int, default=53, help="max response tokens (with EOS)")
+    g.add_argument("--gold_model", default="Skywork/Skywork-Reward-Llama-3.1-8B-v0.2",
+                   help="sequence-classification model (name or path) that later stages use as "
+                        "the gold reward, with its own tokenizer and chat template")
+    g.add_argument("--gold_batch_size", type=int, default=16, help="sequences per gold-RM forward")
+    g.add_argument("--gold_max_len", type=int, default=1024,
+                   help="gold-tokenizer tokens kept per sequence (the start is cut)")
     args = p.parse_args(argv)
-    if min(args.num_examples, args.epochs, args.batch_size) <= 0:
-        raise C.StageError("--num_examples, --epochs and --batch_size must be positive")
-    if args.num_examples < args.batch_size:
-        raise C.StageError(f"--num_examples ({args.num_examples}) must be at least --batch_size "
-                           f"({args.batch_size})")
+    if (args.dataset is None) != (args.model is None):
+        raise C.StageError("--model and --dataset go together: the embedded task has its own "
+                           "tokenizer and tiny model, a dataset needs a pretrained model's tokenizer")
+    if args.num_examples is None:
+        args.num_examples = 20000 if args.dataset is None else 0
+    if min(args.epochs, args.batch_size, args.max_prompt_len, args.response_len) <= 0:
+        raise C.StageError("--epochs, --batch_size, --max_prompt_len and --response_len must be "
+                           "positive")
+    if args.num_examples < 0 or (args.dataset is None and args.num_examples == 0):
+        raise C.StageError("--num_examples must be positive (0 means every row of --dataset)")
+    if args.micro_batch_size < 0 or args.batch_size % (args.micro_batch_size or args.batch_size):
+        raise C.StageError("--micro_batch_size must divide --batch_size")
     return args
+
+
+def make_task(args):
+    if args.dataset is None:
+        return C.ToyTask()
+    return C.TextTask({"kind": "text", "dataset": args.dataset, "prompt_field": args.prompt_field,
+                       "response_field": args.response_field,
+                       "max_prompt_len": args.max_prompt_len, "response_len": args.response_len,
+                       "gold_model": args.gold_model, "gold_batch_size": args.gold_batch_size,
+                       "gold_max_len": args.gold_max_len})
 
 
 def build_model(tokenizer, args) -> GPT2LMHeadModel:
@@ -70,37 +120,49 @@ def main(argv=None):
     start = time.time()
 
     # 1. data: prompts from the train split, one reference response each
-    tokenizer = C.build_tokenizer()
-    rng = random.Random(args.seed)
-    prompts = C.make_prompts(args.num_examples, seed=args.seed)
-    references = [C.reference_response(p, rng) for p in prompts]
-    query = C.encode_prompts(tokenizer, prompts).to(device)                    # (N, P)
-    response = C.encode_responses(tokenizer, references).to(device)           # (N, R)
+    task = make_task(args)
+    prompts, references = task.sft_examples(args.num_examples, seed=args.seed)
+    if len(prompts) < args.batch_size:
+        raise C.StageError(f"{len(prompts)} examples are fewer than --batch_size ({args.batch_size})")
+    if args.model is None:
+        tokenizer = C.build_tokenizer()
+        model = build_model(tokenizer, args)
+    else:
+        model, tokenizer = C.load_pretrained_policy(args.model, bool(args.gradient_checkpointing))
+    query = C.encode_prompts(tokenizer, prompts, task.max_prompt_len).to(device)     # (N, P)
+    response = C.encode_responses(tokenizer, references, task.response_len).to(device)  # (N, R)
     mask = C.response_mask(response, tokenizer.eos_token_id)                  # (N, R)
 
-    model = build_model(tokenizer, args).to(device)
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    steps_per_epoch = args.num_examples // args.batch_size
+    N, micro = len(prompts), args.micro_batch_size or args.batch_size
+    steps_per_epoch = N // args.batch_size
     total = steps_per_epoch * args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / total)
-    print(f"sft: {sum(p.numel() for p in model.parameters()):,} parameters, {total} steps")
+    print(f"sft: {sum(p.numel() for p in model.parameters()):,} parameters, {N} examples, "
+          f"{total} steps")
 
     # 2. train: cross-entropy on the response tokens (EOS included), prompt and pads excluded
     model.train()
     with tqdm(total=total, desc="sft", mininterval=2) as bar:   # closed before any error line
         for epoch in range(args.epochs):
-            order = torch.randperm(args.num_examples)
+            order = torch.randperm(N)
             for step in range(steps_per_epoch):
                 idx = order[step * args.batch_size:(step + 1) * args.batch_size]
-                q, r, m = query[idx], response[idx], mask[idx]
-                with C.autocast(device):
-                    logits = C.response_logits(model, q, r, tokenizer.pad_token_id,
-                                               tokenizer.eos_token_id, temperature=1.0)  # (B, R, V)
-                nll = F.cross_entropy(logits.flatten(0, 1), r.flatten(), reduction="none")
-                loss = (nll * m.flatten()).sum() / m.sum()       # mean over real response tokens
-                C.check_finite(loss, "loss", "sft", epoch * steps_per_epoch + step + 1)
+                real_tokens = mask[idx].sum()
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = 0.0
+                for mb in idx.split(micro):          # gradient accumulation over micro-batches
+                    q, r, m = query[mb], response[mb], mask[mb]
+                    with C.autocast(device):
+                        logits = C.response_logits(model, q, r, tokenizer.pad_token_id,
+                                                   tokenizer.eos_token_id, temperature=1.0)  # (b, R, V)
+                    nll = F.cross_entropy(logits.flatten(0, 1), r.flatten(), reduction="none")
+                    # mean over the batch's real response tokens, summed micro-batch by micro-batch
+                    mb_loss = (nll * m.flatten()).sum() / real_tokens
+                    C.check_finite(mb_loss, "loss", "sft", epoch * steps_per_epoch + step + 1)
+                    mb_loss.backward()
+                    loss += mb_loss.detach()
                 opt.step()
                 sched.step()
                 bar.update(1)
@@ -111,6 +173,7 @@ def main(argv=None):
     with C.atomic_output(args.out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        C.save_task(task, tmp)
         C.write_json(tmp / "sft_info.json", {"args": vars(args), "final_loss": loss.item(),
                                              "seconds": time.time() - start})
     print(f"sft: final loss {loss.item():.3f}, saved {args.out} ({time.time() - start:.0f}s)")

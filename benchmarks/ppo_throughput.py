@@ -248,7 +248,7 @@ def our_ppo(models, tokenizer, prompts, updates, seed):
 
     Returns step(update) -> seconds, the list the per-update log rows go to, and the optimizer.
     The differences from ppo.py's main loop: prompts are given, not drawn from the task;
-    R = RESPONSE_LEN instead of C.RESPONSE_LEN; no held-out evaluation every --eval_every
+    R = RESPONSE_LEN instead of C.RESPONSE_LEN (set on the task); no held-out evaluation every --eval_every
     updates (ppo.py's own episodes/s leaves it out too); no progress bar.
     """
     args = ppo.parse_args([   # ppo.py's own flags, so a renamed or retyped flag fails loudly here
@@ -267,6 +267,8 @@ def our_ppo(models, tokenizer, prompts, updates, seed):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0 - u / args.updates)
     B = args.batch_size
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    task = C.ToyTask()               # the embedded task's gold reward, with the benchmark's length
+    task.response_len = RESPONSE_LEN
     metrics = []
 
     def step(update):
@@ -274,7 +276,7 @@ def our_ppo(models, tokenizer, prompts, updates, seed):
         # the KL reference is the SFT policy here (as in round 1), so sft=None
         metrics.append(ppo.ppo_update(update, prompts[(update - 1) * B:update * B], policy,
                                       value_model, kl_ref, None, rm, tokenizer, opt, sched, gen,
-                                      args, max_new_tokens=RESPONSE_LEN))
+                                      args, task))
         return time.perf_counter() - t0
 
     return step, metrics, opt

@@ -519,11 +519,11 @@ def test_sampled_logprobs_equal_a_full_forward(policy, ids, sample_query, temper
 # ----------------------------------------------------------------------------------------------
 # 13. OCRM diagnostic: pairwise accuracy on fresh policy samples
 # ----------------------------------------------------------------------------------------------
-def brute_force_policy_pair_accuracy(rms, policy, tokenizer, num_prompts, seed):
+def brute_force_policy_pair_accuracy(rms, policy, tokenizer, num_prompts, seed, batch_size=512):
     """Each RM's accuracy vs gold on two T = 1.0 samples per held-out prompt, one prompt at a time.
 
-    The pairs come from common.sample with the diagnostic's generator seed (sampling is tested
-    above); everything after that is a Python loop over unpadded sequences: the words decoded by
+    The pairs come from common.sample with the diagnostic's generator seed, drawn in the same
+    chunks of `batch_size` prompts (sampling is tested above); everything after that is a Python loop over unpadded sequences: the words decoded by
     hand for the gold reward, and a plain forward of the RM on prompt + response up to its EOS,
     read at that EOS (minus the RM's reward_bias), or -1 for a response that never ends.
     """
@@ -531,8 +531,8 @@ def brute_force_policy_pair_accuracy(rms, policy, tokenizer, num_prompts, seed):
     prompts = C.eval_prompts(num_prompts)
     query = C.encode_prompts(tokenizer, prompts)
     generator = torch.Generator().manual_seed(seed)
-    pair = [C.sample(policy, query, pad, eos, C.RESPONSE_LEN, 1.0, generator)[0].tolist()
-            for _ in range(2)]
+    pair = [sum((C.sample(policy, q, pad, eos, C.RESPONSE_LEN, 1.0, generator)[0].tolist()
+                 for q in query.split(batch_size)), []) for _ in range(2)]
     agree = {name: 0 for name in rms}
     untied = 0
     for b, prompt in enumerate(prompts):
@@ -566,9 +566,10 @@ def test_policy_pair_accuracy_matches_a_per_prompt_loop(policy, tokenizer, rewar
     shifted = copy.deepcopy(reward_model)
     shifted.config.reward_bias = 2.0
     rms = {"before": reward_model, "after": shifted}
-    got = OC.policy_pair_accuracy(rms, policy, tokenizer, num_prompts=64, seed=5,
-                                  device=torch.device("cpu"))
-    expected = brute_force_policy_pair_accuracy(rms, policy, tokenizer, num_prompts=64, seed=5)
+    got = OC.policy_pair_accuracy(rms, policy, tokenizer, C.ToyTask(), num_prompts=64, seed=5,
+                                  device=torch.device("cpu"), batch_size=24)   # uneven chunks
+    expected = brute_force_policy_pair_accuracy(rms, policy, tokenizer, num_prompts=64, seed=5,
+                                                batch_size=24)
     assert set(got) == {"num_untied_pairs", "before", "after"}
     assert got["num_untied_pairs"] == expected["num_untied_pairs"] > 0
     assert expected["before"] != expected["after"], "the -1 of a never-ending response is untested"
