@@ -55,7 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--n_layer", type=int, default=2, help="transformer layers of the tiny GPT-2")
     p.add_argument("--n_embd", type=int, default=64, help="width of the tiny GPT-2")
     p.add_argument("--n_head", type=int, default=4, help="attention heads of the tiny GPT-2")
-    g = p.add_argument_group("the paper's setting (default: the embedded task and a tiny GPT-2)")
+    g = p.add_argument_group("the paper's setting: used with --model and --dataset (the embedded task "
+                             "ignores them)")
     g.add_argument("--model", default=None,
                    help="causal LM name or path to fine-tune instead of the tiny GPT-2, "
                         "e.g. EleutherAI/pythia-1b-deduped")
