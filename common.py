@@ -175,8 +175,7 @@ class ToyTask:
     max_prompt_len = None
     response_len = RESPONSE_LEN
 
-    def __init__(self, spec: dict | None = None):
-        self.spec = {"kind": "toy"}
+    spec = {"kind": "toy"}
 
     def sft_examples(self, n: int, seed: int):
         rng = random.Random(seed)
@@ -638,6 +637,12 @@ def check_same_tokenizer(tok_a, tok_b, name_a: str, name_b: str) -> None:
             or tok_a.eos_token_id != tok_b.eos_token_id):
         raise StageError(f"{name_a} and {name_b} use different tokenizers; train both from the "
                          f"same SFT checkpoint")
+
+
+def check_micro_batch(micro_batch_size: int, batch_size: int, batch_name: str) -> None:
+    """--micro_batch_size (0: the whole batch) must split a batch into equal pieces."""
+    if micro_batch_size < 0 or batch_size % (micro_batch_size or batch_size):
+        raise StageError(f"--micro_batch_size must divide {batch_name}")
 
 
 def check_output(out: str | Path) -> None:

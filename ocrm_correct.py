@@ -199,12 +199,12 @@ def main(argv=None):
           f"{diag['histogram_log10']['counts']}")
 
     # c. refit from the SFT backbone with the weighted BT loss (reward_model.py's fit)
-    rm, tok, info = RM.fit_reward_model(args.sft, data, args, device, weight=data["weight"])
+    task = C.load_task(args.sft, device)
+    rm, tok, info = RM.fit_reward_model(args.sft, task, data, args, device, weight=data["weight"])
     # d. diagnostic: does the corrected RM rank the current policy's samples better?
     if args.reward_model_before:
         rm_before, tok_before = C.load_reward_model(args.reward_model_before, device)
         C.check_same_tokenizer(tok, tok_before, args.out, args.reward_model_before)
-        task = C.load_task(args.sft, device)
         acc = policy_pair_accuracy({"before": rm_before, "after": rm}, policy, tokenizer, task,
                                    args.diag_prompts, args.seed, device, args.forward_batch_size)
         info["policy_pair_accuracy"] = acc

@@ -86,8 +86,7 @@ def parse_args(argv=None):
     if args.batch_size % args.minibatches:
         raise C.StageError("--batch_size must be divisible by --minibatches")
     minibatch = args.batch_size // args.minibatches
-    if args.micro_batch_size < 0 or minibatch % (args.micro_batch_size or minibatch):
-        raise C.StageError(f"--micro_batch_size must divide the minibatch size ({minibatch})")
+    C.check_micro_batch(args.micro_batch_size, minibatch, f"the minibatch size ({minibatch})")
     if args.forward_batch_size <= 0:
         raise C.StageError("--forward_batch_size must be positive")
     return args

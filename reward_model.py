@@ -88,17 +88,15 @@ def parse_args(argv=None):
 def check_fit_args(args) -> None:
     if args.forward_batch_size <= 0 or args.batch_size <= 0:
         raise C.StageError("--batch_size and --forward_batch_size must be positive")
-    if args.micro_batch_size < 0 or args.batch_size % (args.micro_batch_size or args.batch_size):
-        raise C.StageError("--micro_batch_size must divide --batch_size")
+    C.check_micro_batch(args.micro_batch_size, args.batch_size, "--batch_size")
 
 
 # ----------------------------------------------------------------------------------------------
 # 1-2. Sample and label the pairs once
 # ----------------------------------------------------------------------------------------------
-def make_preferences(sft_dir, out, num_pairs: int, label: str, seed: int, device,
+def make_preferences(sft_dir, task, out, num_pairs: int, label: str, seed: int, device,
                      batch_size: int = 512) -> None:
     policy, tokenizer = C.load_policy(sft_dir, device)
-    task = C.load_task(sft_dir, device)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     prompts = task.pair_prompts(num_pairs, seed=seed)
     query = C.encode_prompts(tokenizer, prompts, task.max_prompt_len).to(device)   # (N, P)
@@ -184,8 +182,9 @@ def pair_accuracy(rm, query, chosen, rejected, pad, eos, batch_size=512) -> floa
     return correct / len(query)
 
 
-def fit_reward_model(sft_dir, data: datasets.Dataset, args, device, weight=None):
-    """Fit RM = SFT backbone + fresh head on the pairs with per-pair weights; returns (rm, tok, info)."""
+def fit_reward_model(sft_dir, task, data: datasets.Dataset, args, device, weight=None):
+    """Fit RM = SFT backbone + fresh head on the pairs with per-pair weights; returns (rm, tok, info).
+    `task` (the run's, from --sft) gives the held-out references the RM is centred on."""
     C.set_seed(args.seed)
     tokenizer = C.load_tokenizer(sft_dir)
     C.load_policy(sft_dir, "cpu")                                   # checks it is a policy checkpoint
@@ -236,7 +235,6 @@ def fit_reward_model(sft_dir, data: datasets.Dataset, args, device, weight=None)
     rm.eval()
 
     # 4. centre on held-out reference responses: bias = mean_x r(x, y_ref)
-    task = C.load_task(sft_dir)
     ref_prompts, references = task.centring_examples(1024, seed=args.seed)
     ref_query = C.encode_prompts(tokenizer, ref_prompts, task.max_prompt_len).to(device)
     ref_resp = C.encode_responses(tokenizer, references, task.response_len).to(device)
@@ -272,12 +270,13 @@ def main(argv=None):
     device = C.pick_device(args.device)
     start = time.time()
     C.load_policy(args.sft, "cpu")                                  # fail early with a clear message
+    task = C.load_task(args.sft, device)                            # data and gold, from sft.py
     if not Path(args.prefs).exists():
-        make_preferences(args.sft, args.prefs, args.num_pairs, args.label, args.seed, device,
+        make_preferences(args.sft, task, args.prefs, args.num_pairs, args.label, args.seed, device,
                          args.forward_batch_size)
     data = load_preferences(args.prefs)
     weight = data["weight"] if "weight" in data.column_names else None
-    rm, tokenizer, info = fit_reward_model(args.sft, data, args, device, weight)
+    rm, tokenizer, info = fit_reward_model(args.sft, task, data, args, device, weight)
     info.update(args=vars(args), seconds=time.time() - start)
     save_reward_model(rm, tokenizer, info, args.out)
     print(f"reward model: held-out pair accuracy {info['heldout_accuracy']:.3f} "

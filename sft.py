@@ -86,8 +86,7 @@ def parse_args(argv=None):
                            "positive")
     if args.num_examples < 0 or (args.dataset is None and args.num_examples == 0):
         raise C.StageError("--num_examples must be positive (0 means every row of --dataset)")
-    if args.micro_batch_size < 0 or args.batch_size % (args.micro_batch_size or args.batch_size):
-        raise C.StageError("--micro_batch_size must divide --batch_size")
+    C.check_micro_batch(args.micro_batch_size, args.batch_size, "--batch_size")
     return args
 
 
