@@ -291,8 +291,8 @@ def main(argv=None):
     rm, rm_tok = C.load_reward_model(args.reward_model, device)
     for tok, name in ((ref_tok, args.kl_ref), (sft_tok, args.sft), (rm_tok, args.reward_model)):
         C.check_same_tokenizer(tokenizer, tok, args.init, name)
-    value_model = AutoModelForSequenceClassification.from_pretrained(
-        args.reward_model, use_safetensors=True).to(device)
+    value_model = C.apply_attention(AutoModelForSequenceClassification.from_pretrained(
+        args.reward_model, use_safetensors=True)).to(device)
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
         value_model.gradient_checkpointing_enable()

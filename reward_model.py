@@ -176,8 +176,9 @@ def pair_accuracy(rm, query, chosen, rejected, pad, eos, batch_size=512) -> floa
     correct = 0
     for i in range(0, len(query), batch_size):
         q = query[i:i + batch_size]
-        margin = (C.reward_scores(rm, q, chosen[i:i + batch_size], pad, eos)
-                  - C.reward_scores(rm, q, rejected[i:i + batch_size], pad, eos))
+        score_c, score_r = C.pair_reward_scores(rm, q, chosen[i:i + batch_size],
+                                                rejected[i:i + batch_size], pad, eos)
+        margin = score_c - score_r
         correct += (margin > 0).sum().item()
     return correct / len(query)
 
@@ -188,7 +189,8 @@ def fit_reward_model(sft_dir, task, data: datasets.Dataset, args, device, weight
     C.set_seed(args.seed)
     tokenizer = C.load_tokenizer(sft_dir)
     C.load_policy(sft_dir, "cpu")                                   # checks it is a policy checkpoint
-    rm = AutoModelForSequenceClassification.from_pretrained(sft_dir, num_labels=1, use_safetensors=True)
+    rm = C.apply_attention(AutoModelForSequenceClassification.from_pretrained(
+        sft_dir, num_labels=1, use_safetensors=True))
     rm.config.pad_token_id = tokenizer.pad_token_id
     rm.base_model.requires_grad_(bool(args.train_backbone))
     if args.gradient_checkpointing and args.train_backbone:
@@ -218,11 +220,9 @@ def fit_reward_model(sft_dir, task, data: datasets.Dataset, args, device, weight
                 opt.zero_grad(set_to_none=True)
                 loss = 0.0
                 for mb in idx.split(micro):          # gradient accumulation over micro-batches
-                    q = query[mb]
-                    with C.autocast(device):   # one forward for both responses of every pair: (2b,)
-                        scores = C.reward_scores(rm, torch.cat([q, q]),
-                                                 torch.cat([chosen[mb], rejected[mb]]), pad, eos)
-                    score_c, score_r = scores.chunk(2)
+                    with C.autocast(device):   # each pair's prompt is computed once, for both
+                        score_c, score_r = C.pair_reward_scores(rm, query[mb], chosen[mb],
+                                                                rejected[mb], pad, eos)
                     # the batch's mean loss, as a sum of micro-batch means weighted by their size
                     mb_loss = bt_loss(score_c, score_r, weight[mb]) * (len(mb) / len(idx))
                     C.check_finite(mb_loss, "loss", "reward_model", epoch * steps_per_epoch + step + 1)

@@ -109,7 +109,8 @@ def build_model(tokenizer, args) -> GPT2LMHeadModel:
         bos_token_id=tokenizer.eos_token_id,
         # GPT-2's tanh GELU as one fused kernel (same function to 1e-7; ~14% faster PPO on CPU)
         activation_function="gelu_pytorch_tanh")
-    return GPT2LMHeadModel(config)
+    setattr(config, C.ATTENTION_KEY, "eager")                # faster at this size: see common.py
+    return C.apply_attention(GPT2LMHeadModel(config))
 
 
 def main(argv=None):

@@ -6,7 +6,7 @@ process, so that whatever else loads the machine slows both sides alike:
   ppo    seconds per PPO update and episodes/s: ppo.py's own update function,
          ppo.ppo_update (steps 1-6, logging included), against trl.experimental.ppo.PPOTrainer.
   rm     pairs/s of one reward-model step: reward_model.fit_reward_model's inner loop
-         (C.reward_scores on chosen and rejected in one forward, RM.bt_loss, AdamW) against
+         (C.pair_reward_scores: each prompt once, then both responses; RM.bt_loss, AdamW) against
          trl.RewardTrainer.
   score  tokens/s of C.sequence_logprobs (ocrm_correct.py's l_k) against a bare batched forward
          pass of the same model (no masks, no log-softmax, no KV cache: a lower bound on time).
@@ -393,11 +393,9 @@ def our_rm(rm, tokenizer, pairs, steps):
             order = torch.randperm(len(query))
         s = (k - 1) % steps_per_epoch
         idx = order[s * EPISODES:(s + 1) * EPISODES].to(device)
-        q = query[idx]
-        with C.autocast(device):   # one forward for both responses of every pair: (2B,)
-            scores = C.reward_scores(rm, torch.cat([q, q]), torch.cat([chosen[idx], rejected[idx]]),
-                                     pad, eos)
-        score_c, score_r = scores.chunk(2)
+        with C.autocast(device):   # each pair's prompt computed once, for both responses
+            score_c, score_r = C.pair_reward_scores(rm, query[idx], chosen[idx], rejected[idx],
+                                                    pad, eos)
         loss = RM.bt_loss(score_c, score_r, weight[idx])
         C.check_finite(loss, "loss", "reward_model", k)
         opt.zero_grad(set_to_none=True)

@@ -371,6 +371,61 @@ def test_reward_ignores_tokens_after_the_eos(reward_model, ids, layout_batch):
     np.testing.assert_allclose(after.numpy(), before.numpy(), rtol=0, atol=1e-6)
 
 
+def brute_force_pair_scores(reward_model, prompts, chosen, rejected, eos):
+    """Each (prompt, response) alone, unpadded, one forward each; score at its last token."""
+    out = []
+    for responses in (chosen, rejected):
+        scores = []
+        for p, r in zip(prompts, responses):
+            unpadded = torch.tensor([list(p) + real_tokens(r, eos)])
+            hidden = reward_model.transformer(input_ids=unpadded).last_hidden_state
+            scores.append(reward_model.score(hidden[0, -1]).squeeze() - 0.3)
+        out.append(torch.stack(scores))
+    return out
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_pair_scores_share_the_prompt_exactly(reward_model, ids, layout_batch, attention):
+    """pair_reward_scores computes each prompt once (KV cache) and both responses after it: its
+    scores, and the gradients of a weighted sum of them, equal separate unpadded forwards."""
+    pad, eos, _ = ids
+    prompts, responses, query, chosen = layout_batch
+    rejected = chosen.flip(0)               # every row gets another row's EOS layout
+    reward_model.config.reward_bias = 0.3
+    reward_model.set_attn_implementation(attention)
+    reward_model.double()   # float64 (scores are returned in float32): differences are the method's
+    w_c, w_r = torch.linspace(0.5, 1.5, len(prompts)), torch.linspace(2.0, -1.0, len(prompts))
+
+    def grads(score_c, score_r):
+        reward_model.zero_grad()
+        ((w_c * score_c).sum() + (w_r * score_r).sum()).backward()
+        return [p.grad.clone() for p in reward_model.parameters()]
+
+    expected_c, expected_r = brute_force_pair_scores(
+        reward_model, prompts, chosen.tolist(), rejected.tolist(), eos)
+    expected_grads = grads(expected_c, expected_r)
+    got_c, got_r = C.pair_reward_scores(reward_model, query, chosen, rejected, pad, eos)
+    got_grads = grads(got_c, got_r)
+    np.testing.assert_allclose(got_c.detach().numpy(), expected_c.detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(got_r.detach().numpy(), expected_r.detach().numpy(), rtol=1e-6)
+    for got, expected in zip(got_grads, expected_grads):
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-8, atol=1e-10)
+
+
+def test_pair_scores_under_gradient_checkpointing(reward_model, ids, layout_batch):
+    """With checkpointing transformers turns the KV cache off; the fallback still scores right."""
+    pad, eos, _ = ids
+    prompts, responses, query, chosen = layout_batch
+    rejected = chosen.flip(0)
+    reward_model.config.reward_bias = 0.3
+    expected = brute_force_pair_scores(reward_model, prompts, chosen.tolist(), rejected.tolist(), eos)
+    reward_model.gradient_checkpointing_enable()
+    reward_model.train()                    # dropout is 0 in tiny_config; checkpointing needs train
+    got = C.pair_reward_scores(reward_model, query, chosen, rejected, pad, eos)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g.detach().numpy(), e.detach().numpy(), atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # 8-9. Per-token rewards
 # ----------------------------------------------------------------------------------------------

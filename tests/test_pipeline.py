@@ -168,6 +168,9 @@ def test_checkpoints_load_with_plain_transformers(run):
         else:   # a scalar head, and the centring bias the stages subtract
             assert out.shape == (1, 1) and model.config.num_labels == 1
             assert math.isfinite(model.config.reward_bias)
+        # the embedded model's attention choice (common.ATTENTION_KEY) survives every save
+        load = C.load_policy if auto is AutoModelForCausalLM else C.load_reward_model
+        assert load(path, "cpu")[0].config._attn_implementation == "eager", name
 
 
 def test_preference_pairs_are_well_formed(run):

@@ -215,6 +215,8 @@ def test_preset_sft_checkpoint_loads_without_this_repo(preset_run):
     model = AutoModelForCausalLM.from_pretrained(preset_run / "sft")
     tok = AutoTokenizer.from_pretrained(preset_run / "sft")
     assert model.config.model_type == "gpt_neox" and tok.pad_token_id != tok.eos_token_id
+    # a hub model keeps the library's attention kernel (only the embedded GPT-2 asks for eager)
+    assert C.load_policy(preset_run / "sft", "cpu")[0].config._attn_implementation == "sdpa"
 
 
 def test_unknown_preset_is_refused():
