@@ -24,6 +24,11 @@ Out: --weights_out  the prefs columns + logp_policy_chosen/rejected + weight (sa
         --prefs runs/toy-seed1/prefs --weights_out runs/toy-seed1/ocrm/weights_2 \\
         --out runs/toy-seed1/ocrm/rm_2 --lam 0.1
 
+A control, not part of OCRM: `--fresh_pairs N` skips the weights and fits RM_k on N new pairs
+sampled from pi_k and labelled by the gold reward (weights 1; settings.json records N). That is
+the on-policy refit the weights try to imitate without new labels, so it bounds what any alpha,
+lam, normalisation or clipping can achieve on a task (run_all.sh: OCRM_ARGS="--fresh_pairs 10000").
+
 Departures: the authors' code adds 1e-36 inside the log in float32, which underflows once both
 log-probs fall below about -87 and then returns a wrong ratio; here the ratio is computed with
 logaddexp, exactly, for any log-prob. The embedded task's responses are short (summed log-probs
@@ -58,6 +63,11 @@ def parse_args(argv=None):
                    help="tempering exponent on the ratio, >= 0 (w = r ** lam; 0 gives plain BT)")
     p.add_argument("--normalize", type=int, default=0, help="1: rescale weights to mean 1")
     p.add_argument("--clip", type=float, default=0.0, help="cap on each weight (0: no cap)")
+    p.add_argument("--fresh_pairs", type=int, default=0,
+                   help="a control, not OCRM: instead of re-weighting the stored pairs, sample this "
+                        "many new pairs from pi_k, label them with the gold reward (argmax) and fit "
+                        "on them unweighted: the on-policy refit any weighting approximates, at the "
+                        "price of new labels (0: off)")
     p.add_argument("--reward_model_before", default=None,
                    help="the RM the policy was trained against (RM_{k-1}); if given, its pairwise "
                         "accuracy on fresh policy samples is reported next to the corrected RM's")
@@ -68,8 +78,8 @@ def parse_args(argv=None):
     RM.check_fit_args(args)
     if not 0.0 <= args.alpha < 1.0:
         raise C.StageError(f"--alpha must be in [0, 1), got {args.alpha}")
-    if args.lam < 0 or args.clip < 0:
-        raise C.StageError("--lam and --clip must be >= 0")
+    if args.lam < 0 or args.clip < 0 or args.fresh_pairs < 0:
+        raise C.StageError("--lam, --clip and --fresh_pairs must be >= 0")
     return args
 
 
@@ -145,6 +155,7 @@ def check_reusable(weights_dir: Path, settings: dict) -> None:
     """Weights left by an interrupted call are reused only if made from the same policy, the same way."""
     file = weights_dir / "settings.json"
     saved = json.loads(file.read_text()) if file.is_file() else {}
+    saved.setdefault("fresh_pairs", 0)                 # weights saved before that flag existed
     differ = [k for k, v in settings.items() if k != "policy" and saved.get(k) != v]
     if "policy" not in saved or Path(saved["policy"]).resolve() != Path(settings["policy"]).resolve():
         differ.append("policy")
@@ -165,12 +176,26 @@ def main(argv=None):
     C.check_same_tokenizer(tokenizer, sft_tok, args.policy, args.sft)
     weights_dir = Path(args.weights_out)
     settings = {"alpha": args.alpha, "lam": args.lam, "normalize": bool(args.normalize),
-                "clip": args.clip, "policy": str(args.policy)}
+                "clip": args.clip, "fresh_pairs": args.fresh_pairs, "policy": str(args.policy)}
+    task = C.load_task(args.sft, device)
 
     if weights_dir.exists():   # finished in an earlier, interrupted call: reuse, never recompute
         check_reusable(weights_dir, settings)
         data = datasets.load_from_disk(str(weights_dir))
         print(f"ocrm: reusing the weights in {weights_dir}")
+    elif args.fresh_pairs:
+        # the control: new pairs from pi_k with new gold labels, weight 1 (their logp_sft_* columns
+        # hold log-probs under pi_k, the policy they were sampled from)
+        data = RM.sample_preferences(args.policy, task, args.fresh_pairs, "argmax", args.seed,
+                                     device, args.forward_batch_size)
+        w = torch.ones(len(data), dtype=torch.float64)
+        data = (data.add_column("logp_policy_chosen", data["logp_sft_chosen"])
+                    .add_column("logp_policy_rejected", data["logp_sft_rejected"])
+                    .add_column("weight", w.tolist()))
+        settings["diagnostics"] = weight_diagnostics(w)
+        with C.atomic_output(weights_dir) as tmp:
+            data.save_to_disk(str(tmp))
+            C.write_json(tmp / "settings.json", settings)
     else:
         # a. l_k of both stored responses under the current policy, T = 1.0 (same code as l_sft)
         pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -199,7 +224,6 @@ def main(argv=None):
           f"{diag['histogram_log10']['counts']}")
 
     # c. refit from the SFT backbone with the weighted BT loss (reward_model.py's fit)
-    task = C.load_task(args.sft, device)
     rm, tok, info = RM.fit_reward_model(args.sft, task, data, args, device, weight=data["weight"])
     # d. diagnostic: does the corrected RM rank the current policy's samples better?
     if args.reward_model_before:

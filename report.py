@@ -113,7 +113,10 @@ def build_report(run_dir: Path, rounds: int, seed: int) -> dict:
         weights.append({"round": k, "ess_fraction": d["ess_fraction"], "min": d["min"],
                         "mean": d["mean"], "max": d["max"], "alpha": settings["alpha"],
                         "lam": settings["lam"], "normalize": settings["normalize"],
-                        "clip": settings["clip"], "rm_heldout_accuracy": rm_info["heldout_accuracy"],
+                        "clip": settings["clip"],
+                        # > 0: the control that refits on new pairs from the policy, not OCRM
+                        "fresh_pairs": settings.get("fresh_pairs", 0),
+                        "rm_heldout_accuracy": rm_info["heldout_accuracy"],
                         # pairwise accuracy vs gold on fresh samples of the policy being corrected
                         "policy_pair_accuracy": rm_info.get("policy_pair_accuracy")})
     rm_1 = json.loads((run_dir / "rm_1" / "rm_info.json").read_text())
@@ -123,8 +126,16 @@ def build_report(run_dir: Path, rounds: int, seed: int) -> dict:
             "seconds": stage_seconds(run_dir)}
 
 
+def fresh_pairs_note(weights: list[dict]) -> list[str]:
+    """report.md says so when the `ocrm` arm is ocrm_correct.py's --fresh_pairs control."""
+    n = max([w.get("fresh_pairs", 0) for w in weights], default=0)
+    return [f"**The `ocrm` arm here is the fresh-pairs control, not OCRM**: each refit used {n} "
+            f"new gold-labelled pairs sampled from the current policy, unweighted.", ""] if n else []
+
+
 def markdown(report: dict) -> str:
     lines = [f"# OCRM run, seed {report['seed']}, {report['rounds']} rounds", "",
+             *fresh_pairs_note(report["weights"]),
              "Final evaluation on the fixed held-out prompts (near-greedy decode, T = 0.01); "
              "KL to SFT from T = 0.7 samples. `proxy` is each arm's own last reward model.", "",
              "| arm | gold | proxy | KL to SFT | gold win rate vs SFT |", "|---|---|---|---|---|"]
@@ -213,7 +224,7 @@ def mean_or_none(values: list[float]) -> float | None:
 
 
 def weight_settings(report: dict) -> list[str]:
-    return [" ".join(f"{k}={w[k]}" for k in ("alpha", "lam", "normalize", "clip"))
+    return [" ".join(f"{k}={w.get(k, 0)}" for k in ("alpha", "lam", "normalize", "clip", "fresh_pairs"))
             for w in report["weights"]]
 
 
@@ -301,7 +312,7 @@ def plus_minus(stat: dict, fmt: str) -> str:
 def aggregate_markdown(agg: dict) -> str:
     n = len(agg["seeds"])
     lines = [f"# OCRM over {n} seeds ({', '.join(map(str, agg['seeds']))}), {agg['rounds']} rounds",
-             "", "Mean ± standard error over seeds (s.e. = sample std / sqrt(n)) of each arm's "
+             "", *fresh_pairs_note(agg["weights"][0]["weights"]), "Mean ± standard error over seeds (s.e. = sample std / sqrt(n)) of each arm's "
              "final evaluation on the fixed held-out prompts (near-greedy decode, T = 0.01); KL to SFT "
              "from T = 0.7 samples. `proxy` is each arm's own last reward model.", "",
              "| arm | gold | proxy | KL to SFT | gold win rate vs SFT |", "|---|---|---|---|---|"]

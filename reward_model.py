@@ -96,6 +96,18 @@ def check_fit_args(args) -> None:
 # ----------------------------------------------------------------------------------------------
 def make_preferences(sft_dir, task, out, num_pairs: int, label: str, seed: int, device,
                      batch_size: int = 512) -> None:
+    data = sample_preferences(sft_dir, task, num_pairs, label, seed, device, batch_size)
+    with C.atomic_output(out) as tmp:
+        data.save_to_disk(str(tmp))
+    gold_c, gold_r = torch.tensor(data["gold_chosen"]), torch.tensor(data["gold_rejected"])
+    print(f"prefs: {num_pairs} pairs saved to {out}; chosen has strictly higher gold in "
+          f"{(gold_c > gold_r).float().mean():.1%} (ties {(gold_c == gold_r).float().mean():.1%})")
+
+
+def sample_preferences(sft_dir, task, num_pairs: int, label: str, seed: int, device,
+                       batch_size: int = 512) -> datasets.Dataset:
+    """Two samples (T = 1.0) of the policy in `sft_dir` for each of num_pairs prompts, labelled
+    by the task's gold reward, with their log-probs under that policy (logp_sft_*)."""
     policy, tokenizer = C.load_policy(sft_dir, device)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     prompts = task.pair_prompts(num_pairs, seed=seed)
@@ -132,11 +144,7 @@ def make_preferences(sft_dir, task, out, num_pairs: int, label: str, seed: int, 
         "prompt_ids": query.tolist(),
         "chosen_ids": responses[rows, c].tolist(), "rejected_ids": responses[rows, r].tolist(),
     }
-    with C.atomic_output(out) as tmp:
-        datasets.Dataset.from_dict(data).save_to_disk(str(tmp))
-    agree = (gold[rows, c] > gold[rows, r]).float().mean()
-    print(f"prefs: {num_pairs} pairs saved to {out}; chosen has strictly higher gold in "
-          f"{agree:.1%} (ties {(gold[:, 0] == gold[:, 1]).float().mean():.1%})")
+    return datasets.Dataset.from_dict(data)
 
 
 def load_preferences(path) -> datasets.Dataset:

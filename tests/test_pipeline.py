@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common as C
-from test_math import brute_force_policy_pair_accuracy
+from test_math import brute_force_logprobs, brute_force_policy_pair_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -223,6 +223,35 @@ def test_ocrm_weights_are_the_tempered_product_of_both_ratios(run):
     assert row["ess_fraction"] == pytest.approx(ess, rel=1e-9)
     assert (row["min"], row["max"]) == (min(stored), max(stored))
     assert row["mean"] == pytest.approx(sum(stored) / n, rel=1e-9)
+
+
+def test_fresh_pairs_control_fits_on_new_labelled_samples_of_the_policy(run, tmp_path):
+    """ocrm_correct.py --fresh_pairs N: N new pairs sampled from pi_k (log-probs under pi_k, gold
+    labels), all weights 1, instead of the re-weighted stored pairs."""
+    out = tmp_path / "rm"
+    proc = run_command([PY, "ocrm_correct.py", "--policy", run.dir / "ppo_1", "--sft", run.dir / "sft",
+                        "--prefs", run.dir / "prefs", "--weights_out", tmp_path / "w", "--out", out,
+                        "--fresh_pairs", 48, "--epochs", 1, "--seed", 3, "--device", "cpu"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = datasets.load_from_disk(str(tmp_path / "w"))
+    settings = json.loads((tmp_path / "w" / "settings.json").read_text())
+    assert len(data) == 48 and set(data["weight"]) == {1.0}
+    assert settings["fresh_pairs"] == 48 and settings["diagnostics"]["ess_fraction"] == 1.0
+    assert not json.loads((out / "rm_info.json").read_text())["weighted"]
+    stored = datasets.load_from_disk(str(run.dir / "prefs"))
+    assert data["chosen_ids"] != stored["chosen_ids"][:48]            # new samples, not the old
+    policy, tokenizer = C.load_policy(run.dir / "ppo_1", "cpu")
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    for row in data.select(range(6)):
+        prompt = [t for t in row["prompt_ids"] if t != pad]
+        for side in ("chosen", "rejected"):
+            # log-probs under pi_k (the sampler), recomputed one token at a time
+            expected = sum(brute_force_logprobs(policy, prompt, row[f"{side}_ids"], eos, 1.0))
+            assert row[f"logp_policy_{side}"] == pytest.approx(expected, abs=1e-4)
+            assert row[f"logp_sft_{side}"] == row[f"logp_policy_{side}"]
+            text, ended = C.decode_responses(tokenizer, torch.tensor([row[f"{side}_ids"]]), eos)
+            assert row[f"gold_{side}"] == C.gold_reward(row["prompt"], text[0], ended[0])
+        assert row["gold_chosen"] >= row["gold_rejected"]
 
 
 def test_report_has_every_arm_curve_weight_and_timing(run):
