@@ -22,7 +22,7 @@
 # The paper's setting on one GPU (README "Reproduce the paper on one GPU"): PRESET picks models,
 # data and budgets; the variables above still apply and their flags come after the preset's.
 #   PRESET=tldr        Pythia-1B-deduped on TL;DR, Skywork-Reward-Llama-3.1-8B as gold
-#                      (estimated ~13 h on one 80 GB GPU)
+#                      (estimated ~12 h on one 80 GB GPU)
 #   PRESET=tldr_small  Pythia-160M-deduped, fewer pairs and episodes (estimated ~1 h, 40 GB)
 #   MODEL, DATASET, GOLD_MODEL   replace the preset's model / dataset / gold RM (name or path)
 #   RUN_DIR defaults to runs/$PRESET-seed$SEED
