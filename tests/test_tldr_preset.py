@@ -223,3 +223,31 @@ def test_unknown_preset_is_refused():
     proc = subprocess.run(["bash", "run_all.sh"], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PRESET": "tldr_large"})
     assert proc.returncode == 2 and "unknown PRESET" in proc.stderr
+
+
+@pytest.mark.parametrize("which", ["model", "gold"])       # GPT-NeoX and Llama: rotary positions
+def test_pair_scores_share_the_prompt_on_hub_architectures(stand_ins, which):
+    """common.pair_reward_scores (prompt once, KV cache, both responses after it) equals separate
+    unpadded forwards for the stand-in architectures too, not only GPT-2."""
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(stand_ins[which], num_labels=1).double()
+    rm.eval()
+    pad, eos, vocab = 0, 1, rm.config.vocab_size
+    rm.config.pad_token_id = pad
+    lengths = [5, 2, 4, 1]                                    # prompts, left-padded to 5
+    prompts = [torch.randint(2, vocab, (n,)).tolist() for n in lengths]
+    query = torch.tensor([[pad] * (5 - len(p)) + p for p in prompts])
+    chosen = torch.randint(2, vocab, (4, 6))
+    rejected = torch.randint(2, vocab, (4, 6))
+    chosen[0, 2] = eos
+    rejected[1, 0] = eos
+    chosen[2, 5] = eos                                        # row 3 of chosen: no EOS at all
+    chosen[0, 3:], rejected[1, 1:] = pad, pad
+    got = C.pair_reward_scores(rm, query, chosen, rejected, pad, eos)
+    for responses, scores in zip((chosen, rejected), got):
+        for p, r, score in zip(prompts, responses.tolist(), scores):
+            real = r[:r.index(eos) + 1] if eos in r else r
+            with torch.no_grad():
+                hidden = rm.base_model(input_ids=torch.tensor([p + real])).last_hidden_state
+                expected = rm.score(hidden[0, -1]).item()
+            assert score.item() == pytest.approx(expected, rel=1e-6, abs=1e-9)
