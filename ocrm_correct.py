@@ -72,6 +72,9 @@ def parse_args(argv=None):
                         "many new pairs from pi_k, label them with the gold reward (argmax) and fit "
                         "on them unweighted: the on-policy refit any weighting approximates, at the "
                         "price of new labels (0: off)")
+    p.add_argument("--label", choices=("argmax", "bt"), default="argmax",
+                   help="label rule for --fresh_pairs: use the one the stored pairs were made with "
+                        "(reward_model.py --label)")
     p.add_argument("--reward_model_before", default=None,
                    help="the RM the policy was trained against (RM_{k-1}); if given, its pairwise "
                         "accuracy on fresh policy samples is reported next to the corrected RM's")
@@ -82,8 +85,10 @@ def parse_args(argv=None):
     RM.check_fit_args(args)
     if not 0.0 <= args.alpha < 1.0:
         raise C.StageError(f"--alpha must be in [0, 1), got {args.alpha}")
-    if args.lam < 0 or args.clip < 0 or args.fresh_pairs < 0:
-        raise C.StageError("--lam, --clip and --fresh_pairs must be >= 0")
+    if args.lam < 0 or args.clip < 0:
+        raise C.StageError("--lam and --clip must be >= 0")
+    if args.fresh_pairs < 0 or args.fresh_pairs == 1:
+        raise C.StageError(f"--fresh_pairs must be 0 (off) or at least 2, got {args.fresh_pairs}")
     return args
 
 
@@ -181,6 +186,8 @@ def main(argv=None):
     weights_dir = Path(args.weights_out)
     settings = {"alpha": args.alpha, "lam": args.lam, "normalize": bool(args.normalize),
                 "clip": args.clip, "fresh_pairs": args.fresh_pairs, "policy": str(args.policy)}
+    if args.fresh_pairs:   # what the new pairs depend on (the batch size sets the sampling order)
+        settings.update(label=args.label, seed=args.seed, forward_batch_size=args.forward_batch_size)
     task = C.load_task(args.sft, device)
 
     if weights_dir.exists():   # finished in an earlier, interrupted call: reuse, never recompute
@@ -190,8 +197,8 @@ def main(argv=None):
     elif args.fresh_pairs:
         # the control: new pairs from pi_k with new gold labels, weight 1 (their logp_sft_* columns
         # hold log-probs under pi_k, the policy they were sampled from)
-        data = RM.sample_preferences(args.policy, task, args.fresh_pairs, "argmax", args.seed,
-                                     device, args.forward_batch_size)
+        data = RM.sample_preferences(policy, tokenizer, task, args.fresh_pairs, args.label,
+                                     args.seed, device, args.forward_batch_size, "ocrm_correct")
         w = torch.ones(len(data), dtype=torch.float64)
         data = (data.add_column("logp_policy_chosen", data["logp_sft_chosen"])
                     .add_column("logp_policy_rejected", data["logp_sft_rejected"])

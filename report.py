@@ -150,8 +150,9 @@ def markdown(report: dict) -> str:
               "Per OCRM round: the weights, and how well the RM ranks fresh pairs sampled from the "
               "policy being corrected (accuracy vs gold, ties left out), before and after the refit.",
               "",
-              "| OCRM round | ESS / N | min w | mean w | max w | held-out acc (SFT pairs) "
-              "| policy-pair acc before | after |",
+              "| OCRM round | ESS / N | min w | mean w | max w | held-out acc "
+              + ("(its own fresh pairs) " if fresh_pairs_note(report["weights"]) else "(SFT pairs) ")
+              + "| policy-pair acc before | after |",
               "|---|---|---|---|---|---|---|---|"]
     for w in report["weights"]:
         acc = w["policy_pair_accuracy"] or {}
@@ -312,7 +313,9 @@ def plus_minus(stat: dict, fmt: str) -> str:
 def aggregate_markdown(agg: dict) -> str:
     n = len(agg["seeds"])
     lines = [f"# OCRM over {n} seeds ({', '.join(map(str, agg['seeds']))}), {agg['rounds']} rounds",
-             "", *fresh_pairs_note(agg["weights"][0]["weights"]), "Mean ± standard error over seeds (s.e. = sample std / sqrt(n)) of each arm's "
+             "",
+             *fresh_pairs_note(agg["weights"][0]["weights"]),
+             "Mean ± standard error over seeds (s.e. = sample std / sqrt(n)) of each arm's "
              "final evaluation on the fixed held-out prompts (near-greedy decode, T = 0.01); KL to SFT "
              "from T = 0.7 samples. `proxy` is each arm's own last reward model.", "",
              "| arm | gold | proxy | KL to SFT | gold win rate vs SFT |", "|---|---|---|---|---|"]

@@ -96,7 +96,8 @@ def check_fit_args(args) -> None:
 # ----------------------------------------------------------------------------------------------
 def make_preferences(sft_dir, task, out, num_pairs: int, label: str, seed: int, device,
                      batch_size: int = 512) -> None:
-    data = sample_preferences(sft_dir, task, num_pairs, label, seed, device, batch_size)
+    policy, tokenizer = C.load_policy(sft_dir, device)
+    data = sample_preferences(policy, tokenizer, task, num_pairs, label, seed, device, batch_size)
     with C.atomic_output(out) as tmp:
         data.save_to_disk(str(tmp))
     gold_c, gold_r = torch.tensor(data["gold_chosen"]), torch.tensor(data["gold_rejected"])
@@ -104,11 +105,10 @@ def make_preferences(sft_dir, task, out, num_pairs: int, label: str, seed: int, 
           f"{(gold_c > gold_r).float().mean():.1%} (ties {(gold_c == gold_r).float().mean():.1%})")
 
 
-def sample_preferences(sft_dir, task, num_pairs: int, label: str, seed: int, device,
-                       batch_size: int = 512) -> datasets.Dataset:
-    """Two samples (T = 1.0) of the policy in `sft_dir` for each of num_pairs prompts, labelled
-    by the task's gold reward, with their log-probs under that policy (logp_sft_*)."""
-    policy, tokenizer = C.load_policy(sft_dir, device)
+def sample_preferences(policy, tokenizer, task, num_pairs: int, label: str, seed: int, device,
+                       batch_size: int = 512, stage: str = "reward_model") -> datasets.Dataset:
+    """Two samples (T = 1.0) of `policy` for each of num_pairs prompts, labelled by the task's gold
+    reward, with their log-probs under that policy (logp_sft_*)."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     prompts = task.pair_prompts(num_pairs, seed=seed)
     query = C.encode_prompts(tokenizer, prompts, task.max_prompt_len).to(device)   # (N, P)
@@ -116,7 +116,7 @@ def sample_preferences(sft_dir, task, num_pairs: int, label: str, seed: int, dev
     responses, logps = [], []
     for i in tqdm(range(0, num_pairs, batch_size), desc="sample pairs", mininterval=2):
         q = query[i:i + batch_size]
-        pair = [C.sample(policy, q, pad, eos, task.response_len, 1.0, gen, stage="reward_model")[0]
+        pair = [C.sample(policy, q, pad, eos, task.response_len, 1.0, gen, stage=stage)[0]
                 for _ in range(2)]
         responses.append(torch.stack(pair, dim=1))                             # (b, 2, R)
         # l_sft through the same function ocrm_correct.py uses for l_k (same code path, float32)

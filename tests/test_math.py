@@ -421,9 +421,12 @@ def test_pair_scores_under_gradient_checkpointing(reward_model, ids, layout_batc
     expected = brute_force_pair_scores(reward_model, prompts, chosen.tolist(), rejected.tolist(), eos)
     reward_model.gradient_checkpointing_enable()
     reward_model.train()                    # dropout is 0 in tiny_config; checkpointing needs train
+    with torch.no_grad():                   # the cache is off in train mode, gradients or not
+        no_grad = C.pair_reward_scores(reward_model, query, chosen, rejected, pad, eos)
     got = C.pair_reward_scores(reward_model, query, chosen, rejected, pad, eos)
-    for g, e in zip(got, expected):
+    for g, n, e in zip(got, no_grad, expected):
         np.testing.assert_allclose(g.detach().numpy(), e.detach().numpy(), atol=1e-5)
+        np.testing.assert_allclose(n.numpy(), e.detach().numpy(), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -237,7 +237,10 @@ def test_fresh_pairs_control_fits_on_new_labelled_samples_of_the_policy(run, tmp
     settings = json.loads((tmp_path / "w" / "settings.json").read_text())
     assert len(data) == 48 and set(data["weight"]) == {1.0}
     assert settings["fresh_pairs"] == 48 and settings["diagnostics"]["ess_fraction"] == 1.0
-    assert not json.loads((out / "rm_info.json").read_text())["weighted"]
+    assert (settings["seed"], settings["label"]) == (3, "argmax")     # what the pairs depend on
+    rm_info = json.loads((out / "rm_info.json").read_text())
+    assert rm_info["num_pairs"] == 48 and not rm_info["weighted"]
+    assert data["prompt"] == C.ToyTask().pair_prompts(48, seed=3)
     stored = datasets.load_from_disk(str(run.dir / "prefs"))
     assert data["chosen_ids"] != stored["chosen_ids"][:48]            # new samples, not the old
     policy, tokenizer = C.load_policy(run.dir / "ppo_1", "cpu")
@@ -687,6 +690,7 @@ BAD_INPUTS = {
     "rm_prefs_have_no_rows": ("prefs_empty", lambda r, t: rm_cmd(r, t, prefs=empty_prefs(r, t))),
     "ocrm_alpha_one": ("--alpha", lambda r, t: ocrm_cmd(r, t, "--alpha", "1.0")),
     "ocrm_lam_negative": ("--lam", lambda r, t: ocrm_cmd(r, t, "--lam", "-1")),
+    "ocrm_one_fresh_pair": ("--fresh_pairs", lambda r, t: ocrm_cmd(r, t, "--fresh_pairs", "1")),
     "run_all_zero_rounds": ("ROUNDS", lambda r, t: ["bash", "run_all.sh", {"ROUNDS": "0",
                                                                             "RUN_DIR": t / "run"}]),
     # a real interpreter, to check that the forked runs of the other cases behave like one
