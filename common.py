@@ -483,7 +483,9 @@ def last_token_index(query: torch.Tensor, response: torch.Tensor, eos_id: int) -
 
 
 def pair_reward_scores(rm, query, chosen, rejected, pad_id, eos_id):
-    """reward_scores of (query, chosen) and of (query, rejected), the prompt computed once: (B,), (B,).
+    """reward_scores of (query, chosen) and of (query, rejected), each prompt computed once.
+
+    Returns the two (B,) score tensors.
 
     Under causal attention a prompt's keys and values do not depend on the response after it, so
     one forward over the B prompts fills a KV cache that both responses of a pair then attend to.
@@ -497,18 +499,17 @@ def pair_reward_scores(rm, query, chosen, rejected, pad_id, eos_id):
                                pad_id, eos_id)
         return scores.chunk(2)
     B, P = query.shape
-    q_mask = (query != pad_id).long()
-    q_pos = (torch.cumsum(q_mask, dim=1) - 1).clamp(min=0)
-    cache = rm.base_model(input_ids=query, attention_mask=q_mask, position_ids=q_pos,
-                          use_cache=True).cache
-    cache.batch_repeat_interleave(2)                        # rows: x_0, x_0, x_1, x_1, ...
+    # the layout of the 2B full sequences, rows x_0 y_c0, x_0 y_r0, x_1 y_c1, ...: the prompt
+    # columns of every other row are the prompts' own mask and positions
+    query2 = query.repeat_interleave(2, dim=0)
     response = torch.stack([chosen, rejected], dim=1).flatten(0, 1)              # (2B, R)
-    r_mask = response_mask(response, eos_id)
-    mask = torch.cat([q_mask.repeat_interleave(2, dim=0), r_mask.long()], dim=1)  # (2B, P+R)
-    pos = (torch.cumsum(mask, dim=1) - 1).clamp(min=0)[:, P:]
-    hidden = rm.base_model(input_ids=response, attention_mask=mask, position_ids=pos,
+    _, mask, pos = model_inputs(query2, response, pad_id, eos_id)               # (2B, P+R)
+    cache = rm.base_model(input_ids=query, attention_mask=mask[::2, :P], position_ids=pos[::2, :P],
+                          use_cache=True).cache
+    cache.batch_repeat_interleave(2)                        # the same row order as query2
+    hidden = rm.base_model(input_ids=response, attention_mask=mask, position_ids=pos[:, P:],
                            cache=cache, use_cache=True).last_hidden_state       # (2B, R, H)
-    last = r_mask.sum(dim=1) - 1                            # the EOS, or the last token if none
+    last = last_token_index(query2, response, eos_id) - P   # the EOS, or the last token if none
     per_token = rm.score(hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1])))
     scores = per_token.squeeze(-1).squeeze(-1).float() - getattr(rm.config, "reward_bias", 0.0)
     return scores.view(B, 2).unbind(dim=1)

@@ -68,10 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--normalize", type=int, default=0, help="1: rescale weights to mean 1")
     p.add_argument("--clip", type=float, default=0.0, help="cap on each weight (0: no cap)")
     p.add_argument("--fresh_pairs", type=int, default=0,
-                   help="a control, not OCRM: instead of re-weighting the stored pairs, sample this "
-                        "many new pairs from pi_k, label them with the gold reward (argmax) and fit "
-                        "on them unweighted: the on-policy refit any weighting approximates, at the "
-                        "price of new labels (0: off)")
+                   help="a control, not OCRM: instead of re-weighting the stored pairs, sample "
+                        "this many new pairs from pi_k, label them with the gold reward (--label) "
+                        "and fit on them unweighted: the on-policy refit any weighting "
+                        "approximates, at the price of new labels (0: off)")
     p.add_argument("--label", choices=("argmax", "bt"), default="argmax",
                    help="label rule for --fresh_pairs: use the one the stored pairs were made with "
                         "(reward_model.py --label)")
@@ -187,38 +187,36 @@ def main(argv=None):
     settings = {"alpha": args.alpha, "lam": args.lam, "normalize": bool(args.normalize),
                 "clip": args.clip, "fresh_pairs": args.fresh_pairs, "policy": str(args.policy)}
     if args.fresh_pairs:   # what the new pairs depend on (the batch size sets the sampling order)
-        settings.update(label=args.label, seed=args.seed, forward_batch_size=args.forward_batch_size)
+        settings.update(label=args.label, seed=args.seed,
+                        forward_batch_size=args.forward_batch_size)
     task = C.load_task(args.sft, device)
 
     if weights_dir.exists():   # finished in an earlier, interrupted call: reuse, never recompute
         check_reusable(weights_dir, settings)
         data = datasets.load_from_disk(str(weights_dir))
         print(f"ocrm: reusing the weights in {weights_dir}")
-    elif args.fresh_pairs:
-        # the control: new pairs from pi_k with new gold labels, weight 1 (their logp_sft_* columns
-        # hold log-probs under pi_k, the policy they were sampled from)
-        data = RM.sample_preferences(policy, tokenizer, task, args.fresh_pairs, args.label,
-                                     args.seed, device, args.forward_batch_size, "ocrm_correct")
-        w = torch.ones(len(data), dtype=torch.float64)
-        data = (data.add_column("logp_policy_chosen", data["logp_sft_chosen"])
-                    .add_column("logp_policy_rejected", data["logp_sft_rejected"])
-                    .add_column("weight", w.tolist()))
-        settings["diagnostics"] = weight_diagnostics(w)
-        with C.atomic_output(weights_dir) as tmp:
-            data.save_to_disk(str(tmp))
-            C.write_json(tmp / "settings.json", settings)
     else:
-        # a. l_k of both stored responses under the current policy, T = 1.0 (same code as l_sft)
-        pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-        query = torch.tensor(data["prompt_ids"], device=device)
-        logp = {name: C.sequence_logprobs(policy, query, torch.tensor(data[f"{name}_ids"], device=device),
-                                          pad, eos, 1.0, args.forward_batch_size).cpu()
-                for name in ("chosen", "rejected")}
-        # b. the weights
-        w = pair_weights(logp["chosen"], logp["rejected"],
-                         torch.tensor(data["logp_sft_chosen"]), torch.tensor(data["logp_sft_rejected"]),
-                         args.alpha, args.lam, bool(args.normalize), args.clip)
-        C.check_finite(w, "weight", "ocrm_correct")
+        if args.fresh_pairs:
+            # the control: new pairs from pi_k with new gold labels, weight 1 (their logp_sft_*
+            # columns hold log-probs under pi_k, the policy they were sampled from)
+            data = RM.sample_preferences(policy, tokenizer, task, args.fresh_pairs, args.label,
+                                         args.seed, device, args.forward_batch_size, "ocrm_correct")
+            logp = {name: torch.tensor(data[f"logp_sft_{name}"]) for name in ("chosen", "rejected")}
+            w = torch.ones(len(data), dtype=torch.float64)
+        else:
+            # a. l_k of both stored responses under the current policy, T = 1.0 (same code as l_sft)
+            pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+            query = torch.tensor(data["prompt_ids"], device=device)
+            logp = {name: C.sequence_logprobs(policy, query,
+                                              torch.tensor(data[f"{name}_ids"], device=device),
+                                              pad, eos, 1.0, args.forward_batch_size).cpu()
+                    for name in ("chosen", "rejected")}
+            # b. the weights
+            w = pair_weights(logp["chosen"], logp["rejected"],
+                             torch.tensor(data["logp_sft_chosen"]),
+                             torch.tensor(data["logp_sft_rejected"]),
+                             args.alpha, args.lam, bool(args.normalize), args.clip)
+            C.check_finite(w, "weight", "ocrm_correct")
         for col in ("logp_policy_chosen", "logp_policy_rejected", "weight"):
             if col in data.column_names:
                 data = data.remove_columns(col)

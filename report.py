@@ -134,8 +134,8 @@ def fresh_pairs_note(weights: list[dict]) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# OCRM run, seed {report['seed']}, {report['rounds']} rounds", "",
-             *fresh_pairs_note(report["weights"]),
+    note = fresh_pairs_note(report["weights"])
+    lines = [f"# OCRM run, seed {report['seed']}, {report['rounds']} rounds", "", *note,
              "Final evaluation on the fixed held-out prompts (near-greedy decode, T = 0.01); "
              "KL to SFT from T = 0.7 samples. `proxy` is each arm's own last reward model.", "",
              "| arm | gold | proxy | KL to SFT | gold win rate vs SFT |", "|---|---|---|---|---|"]
@@ -151,7 +151,7 @@ def markdown(report: dict) -> str:
               "policy being corrected (accuracy vs gold, ties left out), before and after the refit.",
               "",
               "| OCRM round | ESS / N | min w | mean w | max w | held-out acc "
-              + ("(its own fresh pairs) " if fresh_pairs_note(report["weights"]) else "(SFT pairs) ")
+              + ("(its own fresh pairs) " if note else "(SFT pairs) ")
               + "| policy-pair acc before | after |",
               "|---|---|---|---|---|---|---|---|"]
     for w in report["weights"]:
