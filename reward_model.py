@@ -4,6 +4,10 @@
 1. D <- for each prompt, two responses y0, y1 ~ pi_sft( . | x) at T = 1.0. We store their token
    ids, their text and l_sft(y) = sum_t log pi_sft(y_t | x, y_<t) (T = 1.0, EOS included, float32),
    which ocrm_correct.py later needs as the denominator of the density ratio.
+   `--pair_temperature T` samples at T instead and stores l_sft at that same T: the
+   log-density the pairs were really drawn from, so OCRM's weights stay exact importance
+   weights towards pi_k at T = 1.0. Not the paper's setting (T = 1.0): a knob for how far the
+   stored pairs reach (README, "Levers measured since").
 2. Label each pair with the gold reward: the higher gold score wins (`--label argmax`, the
    authors' choice; ties are broken by a fair coin) or a Bradley-Terry draw
    P(y1 > y0) = sigmoid(gold(y1) - gold(y0)) (`--label bt`).
@@ -77,10 +81,13 @@ def parse_args(argv=None):
     p.add_argument("--num_pairs", type=int, default=10000, help="pairs to sample if --prefs is missing")
     p.add_argument("--label", choices=("argmax", "bt"), default="argmax",
                    help="gold label: higher score wins, or a Bradley-Terry draw")
+    p.add_argument("--pair_temperature", type=float, default=1.0,
+                   help="sampling temperature of the pairs; logp_sft_* is stored at the same "
+                        "temperature, the density the pairs were drawn from (the paper: 1.0)")
     add_fit_args(p)
     args = p.parse_args(argv)
-    if args.num_pairs <= 0 or args.epochs <= 0:
-        raise C.StageError("--num_pairs and --epochs must be positive")
+    if args.num_pairs <= 0 or args.epochs <= 0 or not args.pair_temperature > 0:
+        raise C.StageError("--num_pairs, --epochs and --pair_temperature must be positive")
     check_fit_args(args)
     return args
 
@@ -95,9 +102,10 @@ def check_fit_args(args) -> None:
 # 1-2. Sample and label the pairs once
 # ----------------------------------------------------------------------------------------------
 def make_preferences(sft_dir, task, out, num_pairs: int, label: str, seed: int, device,
-                     batch_size: int = 512) -> None:
+                     batch_size: int = 512, temperature: float = 1.0) -> None:
     policy, tokenizer = C.load_policy(sft_dir, device)
-    data = sample_preferences(policy, tokenizer, task, num_pairs, label, seed, device, batch_size)
+    data = sample_preferences(policy, tokenizer, task, num_pairs, label, seed, device, batch_size,
+                              temperature=temperature)
     with C.atomic_output(out) as tmp:
         data.save_to_disk(str(tmp))
     gold_c, gold_r = torch.tensor(data["gold_chosen"]), torch.tensor(data["gold_rejected"])
@@ -106,9 +114,10 @@ def make_preferences(sft_dir, task, out, num_pairs: int, label: str, seed: int, 
 
 
 def sample_preferences(policy, tokenizer, task, num_pairs: int, label: str, seed: int, device,
-                       batch_size: int = 512, stage: str = "reward_model") -> datasets.Dataset:
-    """Two samples (T = 1.0) of `policy` for each of num_pairs prompts, labelled by the task's gold
-    reward, with their log-probs under that policy (logp_sft_*)."""
+                       batch_size: int = 512, stage: str = "reward_model",
+                       temperature: float = 1.0) -> datasets.Dataset:
+    """Two samples (at `temperature`) of `policy` for each of num_pairs prompts, labelled by the
+    task's gold reward, with their log-probs under that policy at that temperature (logp_sft_*)."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     prompts = task.pair_prompts(num_pairs, seed=seed)
     query = C.encode_prompts(tokenizer, prompts, task.max_prompt_len).to(device)   # (N, P)
@@ -116,11 +125,11 @@ def sample_preferences(policy, tokenizer, task, num_pairs: int, label: str, seed
     responses, logps = [], []
     for i in tqdm(range(0, num_pairs, batch_size), desc="sample pairs", mininterval=2):
         q = query[i:i + batch_size]
-        pair = [C.sample(policy, q, pad, eos, task.response_len, 1.0, gen, stage=stage)[0]
+        pair = [C.sample(policy, q, pad, eos, task.response_len, temperature, gen, stage=stage)[0]
                 for _ in range(2)]
         responses.append(torch.stack(pair, dim=1))                             # (b, 2, R)
         # l_sft through the same function ocrm_correct.py uses for l_k (same code path, float32)
-        logps.append(torch.stack([C.sequence_logprobs(policy, q, r, pad, eos, 1.0, batch_size)
+        logps.append(torch.stack([C.sequence_logprobs(policy, q, r, pad, eos, temperature, batch_size)
                                   for r in pair], 1))
     responses, logps = torch.cat(responses), torch.cat(logps)                   # (N, 2, R), (N, 2)
 
@@ -281,7 +290,7 @@ def main(argv=None):
     task = C.load_task(args.sft, device)                            # data and gold, from sft.py
     if not Path(args.prefs).exists():
         make_preferences(args.sft, task, args.prefs, args.num_pairs, args.label, args.seed, device,
-                         args.forward_batch_size)
+                         args.forward_batch_size, args.pair_temperature)
     data = load_preferences(args.prefs)
     weight = data["weight"] if "weight" in data.column_names else None
     rm, tokenizer, info = fit_reward_model(args.sft, task, data, args, device, weight)

@@ -633,3 +633,28 @@ def test_policy_pair_accuracy_matches_a_per_prompt_loop(policy, tokenizer, rewar
     assert expected["before"] != expected["after"], "the -1 of a never-ending response is untested"
     for name in rms:
         assert got[name] == pytest.approx(expected[name], abs=1e-6), name
+
+
+# ----------------------------------------------------------------------------------------------
+# 14. Pairs sampled at another temperature (reward_model.py --pair_temperature)
+# ----------------------------------------------------------------------------------------------
+def test_pairs_at_another_temperature_store_the_density_they_were_drawn_from(policy, tokenizer):
+    """logp_sft_* of pairs sampled at T = 1.5 is the log-density at 1.5 of each stored response
+    (what OCRM's weights must divide by), recomputed one token at a time; and the sampler really
+    ran at 1.5: the same generator at T = 1.0 draws other responses."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    task, n = C.ToyTask(), 16
+    hot = RM.sample_preferences(policy, tokenizer, task, n, "argmax", 5, "cpu", temperature=1.5)
+    cold = RM.sample_preferences(policy, tokenizer, task, n, "argmax", 5, "cpu")
+    gaps = []
+    for row in hot.select(range(4)):
+        prompt = [t for t in row["prompt_ids"] if t != pad]
+        for side in ("chosen", "rejected"):
+            at_hot = sum(brute_force_logprobs(policy, prompt, row[f"{side}_ids"], eos, 1.5))
+            at_one = sum(brute_force_logprobs(policy, prompt, row[f"{side}_ids"], eos, 1.0))
+            assert row[f"logp_sft_{side}"] == pytest.approx(at_hot, abs=1e-4)
+            gaps.append(abs(at_hot - at_one))
+    assert max(gaps) > 0.05, "T = 1.5 and 1.0 give the same log-probs: the check above is empty"
+    assert hot["prompt"] == cold["prompt"]
+    pairs = lambda d: sorted(zip(d["chosen_ids"], d["rejected_ids"]))   # noqa: E731
+    assert pairs(hot) != pairs(cold)

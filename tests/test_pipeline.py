@@ -707,6 +707,8 @@ BAD_INPUTS = {
     # beyond the list in the task: inputs a user can easily get wrong
     "ppo_out_exists": ("exists", lambda r, t: ppo_cmd(r, t, out=existing_dir(t))),
     "ppo_zero_minibatches": ("minibatches", lambda r, t: ppo_cmd(r, t) + ["--minibatches", "0"]),
+    "rm_zero_pair_temperature": ("--pair_temperature",
+                                 lambda r, t: rm_cmd(r, t) + ["--pair_temperature", "0"]),
     "sft_fewer_examples_than_a_batch": ("", lambda r, t: [
         "sft.py", "--out", t / "out", "--device", "cpu", "--num_examples", "10"]),
     "sft_unknown_device": ("gpu", lambda r, t: ["sft.py", "--out", t / "out", "--device", "gpu"]),
