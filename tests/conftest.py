@@ -1,10 +1,14 @@
-"""Shared fixtures: the task's tokenizer and tiny random GPT-2s (a policy and a reward model).
+"""Shared fixtures: the task's tokenizer and tiny random GPT-2s (a policy and a reward model),
+and the early start of the suite's two whole-pipeline runs.
 
 The models are random but not near-uniform (initializer_range 0.5), so a wrong position id,
 a pad that leaks into attention, or a log-prob read one position off changes the numbers by far
 more than the tests' tolerances.
 """
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -57,3 +61,62 @@ def reward_model(tokenizer):
     """A random tiny GPT-2 with a scalar head (num_labels = 1); fresh per test (tests set its bias)."""
     torch.manual_seed(1)
     return GPT2ForSequenceClassification(tiny_config(tokenizer, num_labels=1)).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole-pipeline runs, started as soon as the tests are collected
+# ----------------------------------------------------------------------------------------------
+# tests/test_pipeline.py and tests/test_tldr_preset.py each need one `bash run_all.sh` (35-40 s
+# of one core, mostly the start-up of ten Python processes). Run in turn when their modules reach
+# them, they were over a third of the suite's time. A module that defines
+#   start_pipeline(scratch: Path) -> BackgroundRun
+# has it called here, right after collection, so both runs go on the second core while the
+# in-process tests (test_bandit, test_math, ...) run on the first; the module stores the handle
+# in its global PIPELINE and its fixture collects the result with PIPELINE.result().
+class BackgroundRun:
+    """A command running in a subprocess from now on; .result() waits and returns it completed."""
+
+    def __init__(self, cmd, cwd, env, **info):
+        self.cmd = [str(c) for c in cmd]
+        self.info = info                              # whatever the module wants back later
+        self._out, self._err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self._proc = subprocess.Popen(self.cmd, cwd=cwd, env=env, stdout=self._out,
+                                      stderr=self._err, text=True)
+
+    def result(self, timeout: float = 600) -> subprocess.CompletedProcess:
+        try:
+            returncode = self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(f"{' '.join(self.cmd)} still running after {timeout}s")
+        streams = []
+        for f in (self._out, self._err):
+            f.seek(0)
+            streams.append(f.read())
+        return subprocess.CompletedProcess(self.cmd, returncode, *streams)
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+
+_scratch: list[Path] = []
+_started: list[BackgroundRun] = []
+
+
+def pytest_collection_finish(session):
+    modules = {item.module for item in session.items if getattr(item, "module", None)}
+    for module in sorted(modules, key=lambda m: m.__name__):
+        if hasattr(module, "start_pipeline"):
+            scratch = Path(tempfile.mkdtemp(prefix=f"ocrm-{module.__name__}-"))
+            _scratch.append(scratch)
+            module.PIPELINE = module.start_pipeline(scratch)
+            _started.append(module.PIPELINE)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for run in _started:                              # e.g. its module's tests were skipped by -x
+        run.stop()
+    for scratch in _scratch:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common as C
+from conftest import BackgroundRun
 from test_math import brute_force_logprobs, brute_force_policy_pair_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,11 +133,21 @@ def file_mtimes(run_dir: Path, skip=("report.json", "report.md", "curves.png")) 
             if p.is_file() and p.name not in skip}
 
 
+PIPELINE = None   # the shared run, started by conftest.py right after collection
+
+
+def start_pipeline(scratch: Path):
+    """The whole pipeline once, on the tiny budget, in the background (see conftest.py)."""
+    run_dir = scratch / "run"
+    return BackgroundRun(["bash", "run_all.sh"], ROOT,
+                         {**BASE_ENV, **PIPELINE_ENV, "RUN_DIR": str(run_dir)}, run_dir=run_dir)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """The whole pipeline once, on the tiny budget; the report as it was right after the run."""
-    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
-    proc = run_all(run_dir)
+    """The shared run, finished; the report as it was right after the run."""
+    pipeline = PIPELINE or start_pipeline(tmp_path_factory.mktemp("pipeline"))
+    proc, run_dir = pipeline.result(), pipeline.info["run_dir"]
     assert proc.returncode == 0, f"run_all.sh failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return SimpleNamespace(dir=run_dir, stdout=proc.stdout,
                            report=json.loads((run_dir / "report.json").read_text()))

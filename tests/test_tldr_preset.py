@@ -16,6 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import common as C
 import reward_model as RM
+from conftest import BackgroundRun
 import sft as SFT
 import standins
 
@@ -163,13 +164,18 @@ def test_micro_batches_give_the_same_training_as_whole_batches(stage, tmp_path, 
 # ----------------------------------------------------------------------------------------------
 # The whole preset, end to end, on the stand-ins at a tiny budget
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def preset_run(stand_ins, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("tldr_run") / "run"
-    env = {**os.environ, "PRESET": "tldr_small", "MODEL": str(stand_ins["model"]),
-           "DATASET": str(stand_ins["dataset"]), "GOLD_MODEL": str(stand_ins["gold"]),
+PIPELINE = None   # the preset's run, started by conftest.py right after collection
+
+
+def start_pipeline(scratch: Path):
+    """`PRESET=tldr_small bash run_all.sh` on fresh stand-ins, in the background (conftest.py)."""
+    (scratch / "standins").mkdir(parents=True, exist_ok=True)
+    paths = standins.make_all(scratch / "standins")
+    run_dir = scratch / "run"
+    env = {**os.environ, "PRESET": "tldr_small", "MODEL": str(paths["model"]),
+           "DATASET": str(paths["dataset"]), "GOLD_MODEL": str(paths["gold"]),
            "RUN_DIR": str(run_dir), "DEVICE": "cpu", "ROUNDS": "2", "UPDATES": "2",
-           "PYTHON": sys.executable,
+           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            # the preset's flags with budgets cut to seconds (flags here override the preset's)
            "SFT_ARGS": "--num_examples 64 --batch_size 16 --micro_batch_size 8 --lr 1e-3",
            "PAIRS_ARGS": "--num_pairs 40",
@@ -177,9 +183,21 @@ def preset_run(stand_ins, tmp_path_factory):
            "PPO_ARGS": "--batch_size 8 --micro_batch_size 2 --eval_prompts 6 --eval_every 1 "
                        "--forward_batch_size 4",
            "OCRM_ARGS": "--diag_prompts 6"}
-    proc = subprocess.run(["bash", "run_all.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    return BackgroundRun(["bash", "run_all.sh"], REPO, env, run_dir=run_dir, stand_ins=paths)
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory):
+    """The finished preset run: its run dir and the stand-ins it ran on."""
+    pipeline = PIPELINE or start_pipeline(tmp_path_factory.mktemp("tldr_run"))
+    proc = pipeline.result()
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
+    return pipeline.info
+
+
+@pytest.fixture(scope="module")
+def preset_run(preset):
+    return preset["run_dir"]
 
 
 def test_preset_runs_end_to_end_and_writes_the_report(preset_run):
@@ -195,9 +213,10 @@ def test_preset_runs_end_to_end_and_writes_the_report(preset_run):
         assert row["gold_reward"] is None and row["tokens_per_second"] > 0   # gold only at evals
 
 
-def test_preset_final_gold_is_the_gold_models_score_of_the_saved_samples(preset_run, stand_ins):
+def test_preset_final_gold_is_the_gold_models_score_of_the_saved_samples(preset_run, preset):
     """Every eval prompt's response is saved (6 <= 8), so the final gold can be recomputed with
     a direct, unbatched gold forward in the chat format written out by hand."""
+    stand_ins = preset["stand_ins"]
     final = json.loads((preset_run / "ocrm" / "round_2" / "final.json").read_text())
     samples = final["samples"]
     assert len(samples) == 6
