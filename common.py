@@ -668,7 +668,7 @@ def load_pretrained_policy(name: str, gradient_checkpointing: bool = False):
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     return model, tokenizer
 
 

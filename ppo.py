@@ -294,8 +294,8 @@ def main(argv=None):
     value_model = C.apply_attention(AutoModelForSequenceClassification.from_pretrained(
         args.reward_model, use_safetensors=True)).to(device)
     if args.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-        value_model.gradient_checkpointing_enable()
+        policy.activation_checkpointing_enable()
+        value_model.activation_checkpointing_enable()
     task = C.load_task(args.sft, device)
     for m in (kl_ref, sft, rm):
         m.requires_grad_(False)

@@ -202,16 +202,16 @@ def pair_accuracy(rm, query, chosen, rejected, pad, eos, batch_size=512) -> floa
 
 def fit_reward_model(sft_dir, task, data: datasets.Dataset, args, device, weight=None):
     """Fit RM = SFT backbone + fresh head on the pairs with per-pair weights; returns (rm, tok, info).
-    `task` (the run's, from --sft) gives the held-out references the RM is centred on."""
+    `task` (the run's, from --sft) gives the held-out references the RM is centred on. The caller
+    has loaded sft_dir with C.load_policy once already, which checks it is a whole policy."""
     C.set_seed(args.seed)
     tokenizer = C.load_tokenizer(sft_dir)
-    C.load_policy(sft_dir, "cpu")                                   # checks it is a policy checkpoint
     rm = C.apply_attention(AutoModelForSequenceClassification.from_pretrained(
         sft_dir, num_labels=1, use_safetensors=True))
     rm.config.pad_token_id = tokenizer.pad_token_id
     rm.base_model.requires_grad_(bool(args.train_backbone))
     if args.gradient_checkpointing and args.train_backbone:
-        rm.gradient_checkpointing_enable()
+        rm.activation_checkpointing_enable()
     rm.to(device)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     query = torch.tensor(data["prompt_ids"], device=device)                   # (N, P)

@@ -419,7 +419,7 @@ def test_pair_scores_under_gradient_checkpointing(reward_model, ids, layout_batc
     rejected = chosen.flip(0)
     reward_model.config.reward_bias = 0.3
     expected = brute_force_pair_scores(reward_model, prompts, chosen.tolist(), rejected.tolist(), eos)
-    reward_model.gradient_checkpointing_enable()
+    reward_model.activation_checkpointing_enable()
     reward_model.train()                    # dropout is 0 in tiny_config; checkpointing needs train
     with torch.no_grad():                   # the cache is off in train mode, gradients or not
         no_grad = C.pair_reward_scores(reward_model, query, chosen, rejected, pad, eos)
