@@ -742,6 +742,12 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def std_err_or_none(xs) -> float | None:
+    """The standard error of the mean of xs (None for fewer than two values)."""
+    std_err = mean_std_err(xs)[1]
+    return None if math.isnan(std_err) else std_err
+
+
 def mean_std_err(xs) -> tuple[float, float]:
     xs = [float(x) for x in xs]
     m = sum(xs) / len(xs)

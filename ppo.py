@@ -172,6 +172,8 @@ def evaluate(policy, sft, rm, tokenizer, task, prompts, query, args, temperature
     gold = task.gold(prompts, texts, ended)
     return {
         "gold": gold.mean().item(),
+        # how far another held-out set of this size could move the mean: std over prompts / sqrt(n)
+        "gold_se": C.std_err_or_none(gold.tolist()),
         "proxy": torch.cat(proxy).mean().item(),
         "kl_to_sft": (logp - logp_sft).sum(dim=1).mean().item(),
         "response_length": C.response_mask(response, eos).sum(dim=1).float().mean().item(),
@@ -344,9 +346,12 @@ def main(argv=None):
     final["win_rate_vs_sft"] = win_rate(gold_policy, gold_sft)
     final["win_rate_vs_reference"] = win_rate(gold_policy, gold_reference)
     final["kl_to_sft"] = curve[-1]["kl_to_sft"]        # KL is measured on T = 0.7 samples
-    final["sft"] = {"gold": sft_final["gold"], "proxy": sft_final["proxy"],  # same prompts, same RM
+    final["sft"] = {"gold": sft_final["gold"], "gold_se": sft_final["gold_se"],  # same prompts
+                    "proxy": sft_final["proxy"],                                 # and the same RM
                     "win_rate_vs_reference": win_rate(gold_sft, gold_reference)}
     final["samples"] = [{"prompt": p, "response": t} for p, t in zip(ev_prompts[:8], texts[:8])]
+    # per held-out prompt, in eval order: arms can be compared prompt by prompt (report.py)
+    final["gold_per_prompt"] = gold_policy.tolist()
 
     with C.atomic_output(args.out) as tmp:
         policy.save_pretrained(tmp)

@@ -23,6 +23,7 @@ from pathlib import Path
 import common as C
 
 ARMS = ("standard_rlhf", "ppo_new_kl", "ocrm")
+CONTROLS = ("standard_rlhf", "ppo_new_kl")        # what OCRM is compared with
 LABELS = {"sft": "SFT", "standard_rlhf": "standard RLHF", "ppo_new_kl": "PPO + new KL",
           "ocrm": "OCRM"}
 
@@ -69,8 +70,22 @@ def arm_report(dirs: list[Path]) -> dict:
                           "proxy": p["proxy"], "gold": p["gold"]})
         offset += points[-1]["episodes"]
     final = json.loads((dirs[-1] / "final.json").read_text())
-    return {"gold": final["gold"], "proxy": final["proxy"], "kl_to_sft": final["kl_to_sft"],
-            "win_rate_vs_sft": final["win_rate_vs_sft"], "curve": curve}
+    return {"gold": final["gold"], "gold_se": final.get("gold_se"), "proxy": final["proxy"],
+            "kl_to_sft": final["kl_to_sft"], "win_rate_vs_sft": final["win_rate_vs_sft"],
+            "curve": curve}
+
+
+def held_out_noise(dirs: dict[str, Path]) -> dict | None:
+    """The held-out set's own noise on the comparisons: s.e. over prompts of the per-prompt
+    difference OCRM minus each control (final gold, same prompts, same order). None for stages
+    written before final.json kept `gold_per_prompt`."""
+    per_prompt = {arm: json.loads((d / "final.json").read_text()).get("gold_per_prompt")
+                  for arm, d in dirs.items()}
+    if None in per_prompt.values():
+        return None
+    return {f"ocrm_minus_{control}": C.std_err_or_none(
+                [a - b for a, b in zip(per_prompt["ocrm"], per_prompt[control])])
+            for control in CONTROLS}
 
 
 def overoptimization(curve: list[dict]) -> dict:
@@ -100,7 +115,8 @@ def build_report(run_dir: Path, rounds: int, seed: int) -> dict:
     if first is None:
         raise C.StageError(f"{run_dir}/ppo_1 is missing or unfinished; run run_all.sh first")
     start = C.read_jsonl(run_dir / "ppo_1" / "eval.jsonl")[0]
-    arms = {"sft": {"gold": first["sft"]["gold"], "proxy": first["sft"]["proxy"], "kl_to_sft": 0.0,
+    arms = {"sft": {"gold": first["sft"]["gold"], "gold_se": first["sft"].get("gold_se"),
+                    "proxy": first["sft"]["proxy"], "kl_to_sft": 0.0,
                     "win_rate_vs_sft": 0.5,
                     "curve": [{k: start[k] for k in ("episodes", "kl_to_sft", "proxy", "gold")}]}}
     for arm in ARMS:
@@ -120,7 +136,9 @@ def build_report(run_dir: Path, rounds: int, seed: int) -> dict:
                         # pairwise accuracy vs gold on fresh samples of the policy being corrected
                         "policy_pair_accuracy": rm_info.get("policy_pair_accuracy")})
     rm_1 = json.loads((run_dir / "rm_1" / "rm_info.json").read_text())
+    noise = held_out_noise({arm: stage_dirs(run_dir, arm, rounds)[-1] for arm in ARMS})
     return {"seed": seed, "rounds": rounds, "arms": arms, "weights": weights,
+            "held_out_noise": noise,
             "rm_1_heldout_accuracy": rm_1["heldout_accuracy"],
             "overoptimization": {"standard_rlhf": overoptimization(arms["standard_rlhf"]["curve"])},
             "seconds": stage_seconds(run_dir)}
@@ -133,6 +151,16 @@ def fresh_pairs_note(weights: list[dict]) -> list[str]:
             f"new gold-labelled pairs sampled from the current policy, unweighted.", ""] if n else []
 
 
+def noise_lines(gold_se: list, noise: dict | None, of_what: str) -> list[str]:
+    """One sentence on the held-out set's own noise (nothing for runs made before it was kept)."""
+    if None in gold_se or noise is None or None in noise.values():
+        return []
+    return ["", f"Held-out set noise{of_what} (s.e. over the held-out prompts): each arm's final "
+                f"gold ± {min(gold_se):.3f} to {max(gold_se):.3f}; on the same prompts, OCRM minus "
+                f"standard RLHF ± {noise['ocrm_minus_standard_rlhf']:.3f}, minus PPO + new KL "
+                f"± {noise['ocrm_minus_ppo_new_kl']:.3f}."]
+
+
 def markdown(report: dict) -> str:
     note = fresh_pairs_note(report["weights"])
     lines = [f"# OCRM run, seed {report['seed']}, {report['rounds']} rounds", "", *note,
@@ -142,6 +170,8 @@ def markdown(report: dict) -> str:
     for arm, r in report["arms"].items():
         lines.append(f"| {LABELS[arm]} | {r['gold']:.3f} | {r['proxy']:.3f} | {r['kl_to_sft']:.2f} "
                      f"| {r['win_rate_vs_sft']:.3f} |")
+    lines += noise_lines([r.get("gold_se") for r in report["arms"].values()],
+                         report.get("held_out_noise"), "")
     o = report["overoptimization"]["standard_rlhf"]
     lines += ["", f"Standard RLHF gold peaked at {o['peak_gold']:.3f} after {o['peak_episodes']} "
               f"episodes and ended at {o['final_gold']:.3f} (T = 0.7 samples); its proxy went "
@@ -200,7 +230,6 @@ def finish_figure(fig, axes, kl_label: str, title: str, path: Path) -> None:
 # Several seeds: mean +- standard error over the runs' report.json files
 # ----------------------------------------------------------------------------------------------
 FINAL_KEYS = ("gold", "proxy", "kl_to_sft", "win_rate_vs_sft")
-CONTROLS = ("standard_rlhf", "ppo_new_kl")
 
 
 def read_run_report(run_dir: Path) -> dict:
@@ -269,6 +298,15 @@ def aggregate_report(run_dirs: list[Path]) -> dict:
         paired[f"ocrm_minus_{control}"] = {
             "gold": {**over_seeds(diffs), "wins": sum(d > 0 for d in diffs)}}
 
+    # 2b. the held-out set's own noise, per seed (s.e. over prompts), averaged over seeds
+    def mean_of(values):
+        return None if None in values else sum(values) / len(values)
+    noises = [r.get("held_out_noise") for r in reports]
+    held_out_noise = None if None in noises else {
+        key: mean_of([n[key] for n in noises]) for key in noises[0]}
+    held_out_gold_se = {arm: mean_of([r["arms"][arm].get("gold_se") for r in reports])
+                        for arm in ("sft",) + ARMS}
+
     # 3. curves: the i-th evaluation point of every seed (same episodes, checked above)
     curves = {}
     for arm in ("sft",) + ARMS:
@@ -296,6 +334,7 @@ def aggregate_report(run_dirs: list[Path]) -> dict:
     return {"seeds": seeds, "rounds": reports[0]["rounds"],
             "run_dirs": [str(d) for d in run_dirs], "arms": arms,
             "paired_differences": paired, "curves": curves,
+            "held_out_noise": held_out_noise, "held_out_gold_se": held_out_gold_se,
             "overoptimization": [{"seed": r["seed"], **r["overoptimization"]["standard_rlhf"]}
                                  for r in reports],
             "weights": [{"seed": r["seed"], "weights": r["weights"]} for r in reports],
@@ -335,6 +374,8 @@ def aggregate_markdown(agg: dict) -> str:
         d = agg["paired_differences"][f"ocrm_minus_{control}"]["gold"]
         lines.append(f"| {LABELS[control]} | {plus_minus(d, '+.3f')} | "
                      f"{d['wins']} of {n} seeds |")
+    lines += noise_lines(list(agg["held_out_gold_se"].values()), agg["held_out_noise"],
+                         ", mean over seeds")
     drops = [o["gold_drop_from_peak"] for o in agg["overoptimization"]]
     lines += ["", f"Standard RLHF's gold (T = 0.7 samples) ended below its peak on "
               f"{sum(x > 0 for x in drops)} of {n} seeds; drop from the peak "

@@ -25,6 +25,7 @@ import os
 import runpy
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -48,13 +49,13 @@ BASE_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false"}
 
 # The tiny budget of the shared run (run_all.sh's environment variables)
-UPDATES, BATCH_SIZE, ROUNDS = 2, 8, 2
+UPDATES, BATCH_SIZE, ROUNDS, EVAL_PROMPTS = 2, 8, 2, 32
 PIPELINE_ENV = {
     "SEED": "1", "ROUNDS": str(ROUNDS), "UPDATES": str(UPDATES), "PYTHON": PY, "DEVICE": "cpu",
     "SFT_ARGS": "--num_examples 256 --epochs 1",
     "PAIRS_ARGS": "--num_pairs 128",
     "RM_ARGS": "--epochs 1",
-    "PPO_ARGS": f"--eval_every 1 --eval_prompts 32 --batch_size {BATCH_SIZE}",
+    "PPO_ARGS": f"--eval_every 1 --eval_prompts {EVAL_PROMPTS} --batch_size {BATCH_SIZE}",
 }
 # Stage output directories, in the order run_all.sh makes them
 STAGES = ["sft", "rm_1", "ppo_1", "standard_rlhf/round_2", "ppo_new_kl/round_2", "ocrm/rm_2",
@@ -300,6 +301,32 @@ def test_report_has_every_arm_curve_weight_and_timing(run):
 
     assert (run.dir / "report.md").read_text().startswith("# OCRM run")
     assert (run.dir / "curves.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_final_gold_is_kept_per_prompt_and_gives_the_held_out_noise(run):
+    """final.json keeps each held-out prompt's gold, in eval order: its mean is `gold`, its s.e.
+    `gold_se`; the report's held-out noise is the s.e. over prompts of OCRM minus each control,
+    prompt by prompt (recomputed here with the statistics module)."""
+    def std_err(xs):
+        return statistics.stdev(xs) / math.sqrt(len(xs))
+
+    per_prompt = {}
+    for d in PPO_DIRS:
+        final = json.loads((run.dir / d / "final.json").read_text())
+        gold = final["gold_per_prompt"]
+        assert len(gold) == EVAL_PROMPTS, d
+        assert final["gold"] == pytest.approx(statistics.mean(gold), abs=1e-6), d
+        assert final["gold_se"] == pytest.approx(std_err(gold), rel=1e-9), d
+        assert math.isfinite(final["sft"]["gold_se"])
+        for i, sample in enumerate(final["samples"]):   # the first 8 prompts, with their texts
+            if gold[i] != C.NO_EOS_GOLD:
+                assert gold[i] == C.gold_reward(sample["prompt"], sample["response"]), (d, i)
+        per_prompt[d.split("/")[0]] = gold
+    for control in ("standard_rlhf", "ppo_new_kl"):
+        diffs = [a - b for a, b in zip(per_prompt["ocrm"], per_prompt[control])]
+        assert run.report["held_out_noise"][f"ocrm_minus_{control}"] == \
+            pytest.approx(std_err(diffs), rel=1e-9)
+    assert run.report["arms"]["ocrm"]["gold_se"] == pytest.approx(std_err(per_prompt["ocrm"]))
 
 
 def test_report_has_policy_pair_accuracy_before_and_after_each_correction(run):

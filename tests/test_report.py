@@ -45,6 +45,7 @@ def synthetic_run_report(seed: int, rounds: int = ROUNDS, episodes=EPISODES) -> 
                   "proxy": 0.3 + 0.004 * e * seed + 0.1 * i,
                   "gold": 3.0 + 0.002 * e * i - 0.1 * seed} for e in points]
         arms[arm] = {"gold": FINAL_GOLD.get(seed, FINAL_GOLD[1])[arm],
+                     "gold_se": 0.05 + 0.01 * i + 0.001 * seed,
                      "proxy": 1.0 + 0.2 * i + 0.05 * seed,
                      "kl_to_sft": 0.0 if arm == "sft" else 2.0 * i + seed,
                      "win_rate_vs_sft": 0.5 if arm == "sft" else 0.3 + 0.05 * i + 0.02 * seed,
@@ -59,6 +60,8 @@ def synthetic_run_report(seed: int, rounds: int = ROUNDS, episodes=EPISODES) -> 
                         "clip": 0.0, "rm_heldout_accuracy": 0.75, "policy_pair_accuracy": accuracy})
     overopt = R.overoptimization(arms["standard_rlhf"]["curve"])
     return {"seed": seed, "rounds": rounds, "arms": arms, "weights": weights,
+            "held_out_noise": {"ocrm_minus_standard_rlhf": 0.06 + 0.002 * seed,
+                               "ocrm_minus_ppo_new_kl": 0.07 + 0.003 * seed},
             "rm_1_heldout_accuracy": 0.76, "overoptimization": {"standard_rlhf": overopt},
             "seconds": {"sft": 40.0, "total": 40.0}}
 
@@ -94,6 +97,35 @@ def cli(argv, capsys) -> tuple[int, str, str]:
 # ----------------------------------------------------------------------------------------------
 # The numbers
 # ----------------------------------------------------------------------------------------------
+def test_held_out_noise_is_averaged_over_seeds_and_stated_next_to_the_differences(run_dirs,
+                                                                                 tmp_path):
+    agg = R.aggregate_report(run_dirs)
+    reports = [synthetic_run_report(s) for s in SEEDS]
+    for key in ("ocrm_minus_standard_rlhf", "ocrm_minus_ppo_new_kl"):
+        expected = np.mean([r["held_out_noise"][key] for r in reports])
+        assert agg["held_out_noise"][key] == pytest.approx(expected, rel=1e-12)
+    for arm in ALL_ARMS:
+        expected = np.mean([r["arms"][arm]["gold_se"] for r in reports])
+        assert agg["held_out_gold_se"][arm] == pytest.approx(expected, rel=1e-12)
+    text = R.aggregate_markdown(agg)
+    # seed s: OCRM - standard 0.06 + 0.002 s, mean over seeds 1-3: 0.064; arms' gold_se from
+    # 0.052 (sft) to 0.082 (ocrm)
+    assert ("each arm's final gold ± 0.052 to 0.082; on the same prompts, OCRM minus standard "
+            "RLHF ± 0.064, minus PPO + new KL ± 0.076.") in text
+    # runs made before final.json kept the per-prompt gold: no noise, and no sentence about it
+    old = []
+    for seed in SEEDS:
+        report = synthetic_run_report(seed)
+        del report["held_out_noise"]
+        for arm in report["arms"].values():
+            del arm["gold_se"]
+        old.append(write_run(tmp_path / "old", report))
+    agg = R.aggregate_report(old)
+    assert agg["held_out_noise"] is None
+    assert set(agg["held_out_gold_se"].values()) == {None}
+    assert "noise" not in R.aggregate_markdown(agg)
+
+
 def test_each_arm_is_mean_and_standard_error_over_seeds(run_dirs):
     agg = R.aggregate_report(run_dirs)
     assert agg["seeds"] == SEEDS and agg["rounds"] == ROUNDS
