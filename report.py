@@ -83,6 +83,10 @@ def held_out_noise(dirs: dict[str, Path]) -> dict | None:
                   for arm, d in dirs.items()}
     if None in per_prompt.values():
         return None
+    if len({len(gold) for gold in per_prompt.values()}) > 1:
+        raise C.StageError(f"the arms' last rounds ({', '.join(map(str, dirs.values()))}) were "
+                           f"evaluated on different numbers of held-out prompts; run every arm "
+                           f"with the same --eval_prompts")
     return {f"ocrm_minus_{control}": C.std_err_or_none(
                 [a - b for a, b in zip(per_prompt["ocrm"], per_prompt[control])])
             for control in CONTROLS}
@@ -298,7 +302,9 @@ def aggregate_report(run_dirs: list[Path]) -> dict:
         paired[f"ocrm_minus_{control}"] = {
             "gold": {**over_seeds(diffs), "wins": sum(d > 0 for d in diffs)}}
 
-    # 2b. the held-out set's own noise, per seed (s.e. over prompts), averaged over seeds
+    # 2b. the held-out set's own noise in one seed's numbers (s.e. over prompts), averaged over
+    #     seeds; every seed is evaluated on the same prompts, and the s.e. over seeds above
+    #     already includes this noise
     def mean_of(values):
         return None if None in values else sum(values) / len(values)
     noises = [r.get("held_out_noise") for r in reports]
@@ -375,7 +381,7 @@ def aggregate_markdown(agg: dict) -> str:
         lines.append(f"| {LABELS[control]} | {plus_minus(d, '+.3f')} | "
                      f"{d['wins']} of {n} seeds |")
     lines += noise_lines(list(agg["held_out_gold_se"].values()), agg["held_out_noise"],
-                         ", mean over seeds")
+                         " in one seed's numbers, mean over seeds")
     drops = [o["gold_drop_from_peak"] for o in agg["overoptimization"]]
     lines += ["", f"Standard RLHF's gold (T = 0.7 samples) ended below its peak on "
               f"{sum(x > 0 for x in drops)} of {n} seeds; drop from the peak "

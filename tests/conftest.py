@@ -5,7 +5,9 @@ The models are random but not near-uniform (initializer_range 0.5), so a wrong p
 a pad that leaks into attention, or a log-prob read one position off changes the numbers by far
 more than the tests' tolerances.
 """
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -69,10 +71,12 @@ def reward_model(tokenizer):
 # tests/test_pipeline.py and tests/test_tldr_preset.py each need one `bash run_all.sh` (35-40 s
 # of one core, mostly the start-up of ten Python processes). Run in turn when their modules reach
 # them, they were over a third of the suite's time. A module that defines
-#   start_pipeline(scratch: Path) -> BackgroundRun
-# has it called here, right after collection, so both runs go on the second core while the
-# in-process tests (test_bandit, test_math, ...) run on the first; the module stores the handle
-# in its global PIPELINE and its fixture collects the result with PIPELINE.result().
+#   start_pipeline(scratch: Path) -> BackgroundRun   and   PIPELINE_FIXTURE = "<fixture name>"
+# has start_pipeline called here, right after collection, when a selected test uses that fixture;
+# the runs then share the two cores with the in-process tests (test_bandit, test_math, ...)
+# instead of waiting for their turn. The module keeps the handle in its global PIPELINE and the
+# fixture collects the result with PIPELINE.result(). If starting fails here, PIPELINE stays None
+# and the fixture starts the run itself, so the error is reported by the tests that need it.
 class BackgroundRun:
     """A command running in a subprocess from now on; .result() waits and returns it completed."""
 
@@ -80,8 +84,9 @@ class BackgroundRun:
         self.cmd = [str(c) for c in cmd]
         self.info = info                              # whatever the module wants back later
         self._out, self._err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        # a session of its own: stop() kills bash and the stage it is running, together
         self._proc = subprocess.Popen(self.cmd, cwd=cwd, env=env, stdout=self._out,
-                                      stderr=self._err, text=True)
+                                      stderr=self._err, text=True, start_new_session=True)
 
     def result(self, timeout: float = 600) -> subprocess.CompletedProcess:
         try:
@@ -96,9 +101,11 @@ class BackgroundRun:
         return subprocess.CompletedProcess(self.cmd, returncode, *streams)
 
     def stop(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
+        try:
+            os.killpg(self._proc.pid, signal.SIGKILL)   # no-op error once the group is gone
+        except ProcessLookupError:
+            pass
+        self._proc.wait()
 
 
 _scratch: list[Path] = []
@@ -106,17 +113,26 @@ _started: list[BackgroundRun] = []
 
 
 def pytest_collection_finish(session):
-    modules = {item.module for item in session.items if getattr(item, "module", None)}
-    for module in sorted(modules, key=lambda m: m.__name__):
-        if hasattr(module, "start_pipeline"):
-            scratch = Path(tempfile.mkdtemp(prefix=f"ocrm-{module.__name__}-"))
-            _scratch.append(scratch)
+    if session.config.option.collectonly or session.testsfailed:   # nothing will run
+        return
+    by_module = {}
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is not None and getattr(module, "PIPELINE_FIXTURE", None) in item.fixturenames:
+            by_module[module.__name__] = module
+    for name, module in sorted(by_module.items()):
+        scratch = Path(tempfile.mkdtemp(prefix=f"ocrm-{name}-"))
+        _scratch.append(scratch)
+        try:
             module.PIPELINE = module.start_pipeline(scratch)
-            _started.append(module.PIPELINE)
+        except Exception:                             # the fixture will try again, and report it
+            continue
+        _started.append(module.PIPELINE)
 
 
 def pytest_sessionfinish(session, exitstatus):
     for run in _started:                              # e.g. its module's tests were skipped by -x
         run.stop()
-    for scratch in _scratch:
-        shutil.rmtree(scratch, ignore_errors=True)
+    if exitstatus == 0:                               # after a failure, keep the runs to look at
+        for scratch in _scratch:
+            shutil.rmtree(scratch, ignore_errors=True)

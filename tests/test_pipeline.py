@@ -134,7 +134,8 @@ def file_mtimes(run_dir: Path, skip=("report.json", "report.md", "curves.png")) 
             if p.is_file() and p.name not in skip}
 
 
-PIPELINE = None   # the shared run, started by conftest.py right after collection
+PIPELINE = None           # the shared run, started by conftest.py right after collection
+PIPELINE_FIXTURE = "run"  # ... when a selected test uses this fixture
 
 
 def start_pipeline(scratch: Path):
@@ -318,9 +319,12 @@ def test_final_gold_is_kept_per_prompt_and_gives_the_held_out_noise(run):
         assert final["gold"] == pytest.approx(statistics.mean(gold), abs=1e-6), d
         assert final["gold_se"] == pytest.approx(std_err(gold), rel=1e-9), d
         assert math.isfinite(final["sft"]["gold_se"])
+        checked = 0
         for i, sample in enumerate(final["samples"]):   # the first 8 prompts, with their texts
             if gold[i] != C.NO_EOS_GOLD:
                 assert gold[i] == C.gold_reward(sample["prompt"], sample["response"]), (d, i)
+                checked += 1
+        assert checked > 0, f"{d}: no sample ended, so the order of gold_per_prompt went unchecked"
         per_prompt[d.split("/")[0]] = gold
     for control in ("standard_rlhf", "ppo_new_kl"):
         diffs = [a - b for a, b in zip(per_prompt["ocrm"], per_prompt[control])]

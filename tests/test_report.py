@@ -110,8 +110,14 @@ def test_held_out_noise_is_averaged_over_seeds_and_stated_next_to_the_difference
     text = R.aggregate_markdown(agg)
     # seed s: OCRM - standard 0.06 + 0.002 s, mean over seeds 1-3: 0.064; arms' gold_se from
     # 0.052 (sft) to 0.082 (ocrm)
-    assert ("each arm's final gold ± 0.052 to 0.082; on the same prompts, OCRM minus standard "
-            "RLHF ± 0.064, minus PPO + new KL ± 0.076.") in text
+    assert ("Held-out set noise in one seed's numbers, mean over seeds (s.e. over the held-out "
+            "prompts): each arm's final gold ± 0.052 to 0.082; on the same prompts, OCRM minus "
+            "standard RLHF ± 0.064, minus PPO + new KL ± 0.076.") in text
+    # one run's report.md says the same of its own numbers: seed 2, 0.052 to 0.082, 0.064, 0.076
+    one = R.markdown(synthetic_run_report(2))
+    assert ("Held-out set noise (s.e. over the held-out prompts): each arm's final gold ± 0.052 "
+            "to 0.082; on the same prompts, OCRM minus standard RLHF ± 0.064, minus PPO + new KL "
+            "± 0.076.") in one
     # runs made before final.json kept the per-prompt gold: no noise, and no sentence about it
     old = []
     for seed in SEEDS:
@@ -124,6 +130,7 @@ def test_held_out_noise_is_averaged_over_seeds_and_stated_next_to_the_difference
     assert agg["held_out_noise"] is None
     assert set(agg["held_out_gold_se"].values()) == {None}
     assert "noise" not in R.aggregate_markdown(agg)
+    assert "noise" not in R.markdown(R.read_run_report(old[0]))
 
 
 def test_each_arm_is_mean_and_standard_error_over_seeds(run_dirs):

@@ -25,6 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
+    if PIPELINE is not None:                  # the ones the preset's run was started on
+        return PIPELINE.info["stand_ins"]
     return standins.make_all(tmp_path_factory.mktemp("standins"))
 
 
@@ -164,7 +166,8 @@ def test_micro_batches_give_the_same_training_as_whole_batches(stage, tmp_path, 
 # ----------------------------------------------------------------------------------------------
 # The whole preset, end to end, on the stand-ins at a tiny budget
 # ----------------------------------------------------------------------------------------------
-PIPELINE = None   # the preset's run, started by conftest.py right after collection
+PIPELINE = None              # the preset's run, started by conftest.py right after collection
+PIPELINE_FIXTURE = "preset"  # ... when a selected test uses this fixture
 
 
 def start_pipeline(scratch: Path):
