@@ -16,7 +16,6 @@ to trust), the curves averaged point by point, and the per-round OCRM diagnostic
 """
 import argparse
 import json
-import math
 import os
 from pathlib import Path
 
@@ -248,13 +247,19 @@ def read_run_report(run_dir: Path) -> dict:
 
 def over_seeds(values: list[float]) -> dict:
     """mean and s.e. = std(ddof=1) / sqrt(n) of one number across seeds (s.e. None for n = 1)."""
-    mean, std_err = C.mean_std_err(values)
-    return {"mean": mean, "std_err": None if math.isnan(std_err) else std_err,
+    return {"mean": sum(values) / len(values), "std_err": C.std_err_or_none(values),
             "per_seed": list(values)}
 
 
 def mean_or_none(values: list[float]) -> float | None:
+    """The mean of the values there are (None if there are none)."""
     return sum(values) / len(values) if values else None
+
+
+def mean_if_all(values: list) -> float | None:
+    """The mean, or None if any value is missing (None): a mean over some seeds only would mix
+    runs made with and without the number."""
+    return None if None in values else sum(values) / len(values)
 
 
 def weight_settings(report: dict) -> list[str]:
@@ -305,12 +310,10 @@ def aggregate_report(run_dirs: list[Path]) -> dict:
     # 2b. the held-out set's own noise in one seed's numbers (s.e. over prompts), averaged over
     #     seeds; every seed is evaluated on the same prompts, and the s.e. over seeds above
     #     already includes this noise
-    def mean_of(values):
-        return None if None in values else sum(values) / len(values)
     noises = [r.get("held_out_noise") for r in reports]
     held_out_noise = None if None in noises else {
-        key: mean_of([n[key] for n in noises]) for key in noises[0]}
-    held_out_gold_se = {arm: mean_of([r["arms"][arm].get("gold_se") for r in reports])
+        key: mean_if_all([n[key] for n in noises]) for key in noises[0]}
+    held_out_gold_se = {arm: mean_if_all([r["arms"][arm].get("gold_se") for r in reports])
                         for arm in ("sft",) + ARMS}
 
     # 3. curves: the i-th evaluation point of every seed (same episodes, checked above)

@@ -82,9 +82,13 @@ def run_command(cmd, env=None, timeout=300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+def pipeline_env(run_dir: Path, **extra) -> dict:
+    """The environment of every run_all.sh call here: the tiny budget into run_dir."""
+    return {**BASE_ENV, **PIPELINE_ENV, "RUN_DIR": str(run_dir), **extra}
+
+
 def run_all(run_dir: Path, **env) -> subprocess.CompletedProcess:
-    return run_command(["bash", "run_all.sh"],
-                       env={**PIPELINE_ENV, "RUN_DIR": str(run_dir), **env}, timeout=600)
+    return run_command(["bash", "run_all.sh"], env=pipeline_env(run_dir, **env), timeout=600)
 
 
 def _stage_in_child(script, argv, stdout_path, stderr_path):
@@ -141,8 +145,7 @@ PIPELINE_FIXTURE = "run"  # ... when a selected test uses this fixture
 def start_pipeline(scratch: Path):
     """The whole pipeline once, on the tiny budget, in the background (see conftest.py)."""
     run_dir = scratch / "run"
-    return BackgroundRun(["bash", "run_all.sh"], ROOT,
-                         {**BASE_ENV, **PIPELINE_ENV, "RUN_DIR": str(run_dir)}, run_dir=run_dir)
+    return BackgroundRun(["bash", "run_all.sh"], ROOT, pipeline_env(run_dir), run_dir=run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -490,9 +493,10 @@ def expected_stage_lines(run_dir: Path, finished: list[str]) -> list[str]:
 def run_all_until_killed(run_dir: Path, kill_when, hold: str, hook_dir: Path, log: Path) -> list[str]:
     """run_all.sh in a process group of its own until `kill_when` holds, then SIGKILL the whole
     group; returns the stdout lines read by then (the stage holds back renaming `hold`)."""
-    env = {**BASE_ENV, **PIPELINE_ENV, "RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(hook_dir), os.environ.get("PYTHONPATH")])),
-           "HOLD_BEFORE_RENAME": str(tmp_of(run_dir, hold))}
+    env = pipeline_env(
+        run_dir, PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(hook_dir), os.environ.get("PYTHONPATH")])),
+        HOLD_BEFORE_RENAME=str(tmp_of(run_dir, hold)))
     with open(log, "a") as stderr:
         proc = subprocess.Popen(["bash", "run_all.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=stderr, text=True, start_new_session=True)
