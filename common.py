@@ -1,11 +1,11 @@
-"""Shared plumbing for every stage: the tasks (the embedded one and any prompt/reference dataset
-with a Hugging Face gold reward model), tokenizer, sampling, sequence log-probs, reward-model
-scoring, checkpoint I/O, seeding and devices.
+"""Shared plumbing for every stage: sequence layout, sampling, sequence log-probs, reward-model
+scoring, checkpoint I/O, seeding and devices. The tasks (the embedded one, and a dataset with a
+gold reward model) live in task.py.
 
 Nothing in here is OCRM-specific math; each stage's algorithm lives in its own file
 (sft.py, reward_model.py, ppo.py, ocrm_correct.py). What is here is written once because
 several stages need exactly the same thing, and "exactly the same" matters: the paper's
-density ratio compares log-probs computed by the same code path (PAPER.md section 5).
+density ratio compares log-probs computed by the same code path (docs/method.md, "Pitfalls").
 
 Sequence layout used everywhere
 -------------------------------
@@ -20,8 +20,6 @@ the middle of a response could never be confused with padding.
 from __future__ import annotations
 
 import contextlib
-import functools
-import itertools
 import json
 import math
 import os
@@ -42,7 +40,6 @@ from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    PreTrainedTokenizerFast,
 )
 
 transformers.utils.logging.set_verbosity_error()
@@ -73,303 +70,6 @@ def check_finite(value: float | torch.Tensor, what: str, stage: str, step: int |
         at = "" if step is None else f" at update {step}"
         raise StageError(f"{stage}: non-finite {what}{at}; lower the learning rate or check the "
                          f"inputs")
-
-
-# ----------------------------------------------------------------------------------------------
-# The embedded task: "list the prompt's items".
-# Prompt:   `list` + 2 to 8 distinct colour words.   e.g.  list red blue gold
-# Response: items joined by `and`, then <eos>.        e.g.  gold and red <eos>
-# Gold reward = (distinct prompt items named) - (mistakes), where a mistake is a repeated item,
-# an item not in the prompt, or an `and` that does not stand between two items.
-# The reference answers name between one and all of the items, almost never wrongly, so on SFT
-# samples a longer answer is a better answer. Length is a cheap feature a reward model learns
-# at once; whether one more item is still good depends on how many the prompt has (a relation
-# between prompt and response that a small reward model learns poorly). PPO can lengthen the
-# answer to a short prompt with repeats, which the proxy RM likes and the gold reward punishes.
-# ----------------------------------------------------------------------------------------------
-ITEMS = ("red", "blue", "green", "gold", "pink", "gray", "teal", "navy",
-         "lime", "plum", "rose", "sand", "jade", "ruby", "mint", "rust")
-PAD, EOS, UNK, LIST, AND = "<pad>", "<eos>", "<unk>", "list", "and"
-PROMPT_SIZES = range(2, 9)   # items in a prompt
-RESPONSE_LEN = 16            # max new tokens: 8 items, 7 `and`s and <eos>
-REFERENCE_MISTAKE_PROB = 0.03  # chance that a reference item is replaced by a random colour
-NO_EOS_GOLD = -1.0           # gold reward of a response that never ends (mirrors PPO's -1 score)
-
-
-@functools.lru_cache(maxsize=2)
-def _item_sets(held_out: bool) -> list[tuple[str, ...]]:
-    """All item sets of every prompt size, split once and for all: every 10th set is held out."""
-    sets = [s for k in PROMPT_SIZES for s in itertools.combinations(ITEMS, k)]
-    return [s for i, s in enumerate(sets) if (i % 10 == 0) == held_out]
-
-
-def make_prompts(n: int, seed: int, held_out: bool = False) -> list[str]:
-    """n prompt strings `list a b ...`: a uniform prompt size, then a set, in random order."""
-    rng = random.Random(seed)
-    by_size = {k: [s for s in _item_sets(held_out) if len(s) == k] for k in PROMPT_SIZES}
-    prompts = []
-    for _ in range(n):
-        items = list(rng.choice(by_size[rng.choice(PROMPT_SIZES)]))
-        rng.shuffle(items)
-        prompts.append(" ".join([LIST] + items))
-    return prompts
-
-
-def eval_prompts(n: int = 512) -> list[str]:
-    """The fixed held-out prompt set used for every evaluation, in every run and seed."""
-    return make_prompts(n, seed=12345, held_out=True)
-
-
-def reference_response(prompt: str, rng: random.Random) -> str:
-    """A human-like reference answer: 1 to all of the items (uniform), rarely with a wrong one."""
-    items = prompt.split()[1:]
-    words = rng.sample(items, rng.randint(1, len(items)))
-    for i in range(len(words)):
-        if rng.random() < REFERENCE_MISTAKE_PROB:
-            words[i] = rng.choice(ITEMS)        # may be off-prompt or a repeat
-    return f" {AND} ".join(words)
-
-
-def gold_reward(prompt: str, response: str, has_eos: bool = True) -> float:
-    """Programmatic gold reward: distinct prompt items named minus mistakes."""
-    if not has_eos:
-        return NO_EOS_GOLD
-    items = set(prompt.split()[1:])
-    words = response.split()
-    named, mistakes = set(), 0
-    for i, word in enumerate(words):
-        if word == AND:                         # fine only between two non-`and` words
-            between = 0 < i < len(words) - 1 and words[i - 1] != AND and words[i + 1] != AND
-            mistakes += not between
-        elif word in items and word not in named:
-            named.add(word)
-        else:
-            mistakes += 1                       # a repeat, an off-prompt word, or junk
-    return float(len(named) - mistakes)
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer for the embedded task, built locally (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {w: i for i, w in enumerate((PAD, EOS, UNK, LIST, AND) + ITEMS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
-
-
-# ----------------------------------------------------------------------------------------------
-# Tasks: where the prompts, the reference responses and the gold reward come from.
-# sft.py chooses the task and writes it to task.json beside the SFT checkpoint; every later stage
-# reads it from --sft, so all stages of a run see the same data and the same gold reward.
-#   ToyTask   the embedded task above (no download)
-#   TextTask  any prompt/reference dataset (TL;DR in the paper) and a Hugging Face
-#             sequence-classification model as the gold reward (Skywork-Reward in the paper)
-# Both give the same methods; the stages never ask which one they have.
-# ----------------------------------------------------------------------------------------------
-TASK_FILE = "task.json"
-
-
-class ToyTask:
-    cheap_gold = True                       # gold is a Python function: log it on every update
-    max_prompt_len = None
-    response_len = RESPONSE_LEN
-
-    spec = {"kind": "toy"}
-
-    def sft_examples(self, n: int, seed: int):
-        rng = random.Random(seed)
-        prompts = make_prompts(n, seed=seed)
-        return prompts, [reference_response(p, rng) for p in prompts]
-
-    def pair_prompts(self, n: int, seed: int) -> list[str]:
-        return make_prompts(n, seed=seed + 1000)           # not the SFT prompts' stream
-
-    def ppo_prompts(self, n: int, seed: int) -> list[str]:
-        return make_prompts(n, seed=seed)
-
-    def eval_examples(self, n: int):
-        """The fixed held-out prompts of every evaluation, with one reference answer each."""
-        rng = random.Random(12345)
-        prompts = eval_prompts(n)
-        return prompts, [reference_response(p, rng) for p in prompts]
-
-    def centring_examples(self, n: int, seed: int):
-        rng = random.Random(seed)
-        prompts = make_prompts(n, seed=seed + 2000, held_out=True)
-        return prompts, [reference_response(p, rng) for p in prompts]
-
-    def gold(self, prompts: list[str], texts: list[str], ended: list[bool]) -> torch.Tensor:
-        return gold_rewards(prompts, texts, ended)
-
-
-def load_text_dataset(name: str, prompt_field: str, response_field: str):
-    """(train, held_out) lists of (prompt, reference) from a hub dataset or a local JSON/JSONL file.
-
-    Held out is the dataset's `validation` (else `test`) split; a dataset with one split (a local
-    file) holds out every 10th row.
-    """
-    try:
-        if Path(name).is_file():
-            data = datasets.load_dataset("json", data_files=str(name))
-        else:
-            data = datasets.load_dataset(name)
-    except Exception as e:
-        raise StageError(f"could not load the dataset {name}: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}")
-    if "train" not in data:
-        raise StageError(f"the dataset {name} has no train split (it has {list(data)})")
-    held_name = next((s for s in ("validation", "test") if s in data), None)
-    for split in ("train", held_name):
-        if split is None:
-            continue
-        missing = [f for f in (prompt_field, response_field) if f not in data[split].column_names]
-        if missing:
-            raise StageError(f"the {split} split of {name} has no column(s) {missing}; it has "
-                             f"{data[split].column_names}: set --prompt_field / --response_field")
-
-    def rows(split):
-        return list(zip(split[prompt_field], split[response_field]))
-
-    train = rows(data["train"])
-    if held_name is not None:
-        held_out = rows(data[held_name])
-    else:
-        held_out = [r for i, r in enumerate(train) if i % 10 == 0]
-        train = [r for i, r in enumerate(train) if i % 10 != 0]
-    if not train or not held_out:
-        raise StageError(f"the dataset {name} is too small: {len(train)} training and "
-                         f"{len(held_out)} held-out rows")
-    return train, held_out
-
-
-def _take(rows: list, n: int, seed: int) -> list:
-    """n rows in a seeded random order, going round again if n > len(rows); n = 0 means all."""
-    n = n or len(rows)
-    rng = random.Random(seed)
-    out = []
-    while len(out) < n:
-        out += rng.sample(rows, len(rows))
-    return out[:n]
-
-
-class GoldRewardModel:
-    """A Hugging Face sequence classifier as the gold reward, with its own tokenizer.
-
-    Our responses are token ids of the policy's tokenizer; the gold RM has another one. So: decode
-    to text, put prompt and response into the gold tokenizer's chat template (user turn, assistant
-    turn) when it has one, else concatenate them, re-encode with the gold tokenizer, and score in
-    batches. The model sits in CPU memory and moves to the device only while it scores (an 8B
-    gold RM and a policy being trained do not fit one GPU together); bf16 on CUDA.
-    """
-
-    def __init__(self, name: str, device, batch_size: int = 16, max_len: int = 1024):
-        self.name, self.device = name, torch.device(device)
-        self.batch_size, self.max_len = batch_size, max_len
-        self.tokenizer = load_tokenizer(name)
-        if self.tokenizer.pad_token_id is None:        # left padding makes the pad id irrelevant
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        try:
-            self.model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype).eval()
-        except Exception as e:
-            raise StageError(f"could not load the gold reward model {name}: {type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}")
-        if self.model.config.num_labels != 1:
-            raise StageError(f"the gold reward model {name} has {self.model.config.num_labels} "
-                             f"outputs; a reward model has one")
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.requires_grad_(False)
-
-    def encode(self, prompt: str, response: str) -> list[int]:
-        """Gold-tokenizer ids of one (prompt, response), at most max_len (the start is cut)."""
-        if self.tokenizer.chat_template:
-            chat = [{"role": "user", "content": prompt.strip()},
-                    {"role": "assistant", "content": response.strip()}]
-            text = self.tokenizer.apply_chat_template(chat, tokenize=False)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]  # template has BOS
-        else:
-            ids = self.tokenizer(prompt + response)["input_ids"]
-        return ids[-self.max_len:]
-
-    @torch.inference_mode()
-    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        """Gold score of each (prompt, response), float32 on the CPU: (N,)."""
-        pad = self.tokenizer.pad_token_id
-        out = []
-        self.model.to(self.device)
-        try:
-            for i in range(0, len(prompts), self.batch_size):
-                ids = [self.encode(p, r) for p, r in zip(prompts[i:i + self.batch_size],
-                                                         responses[i:i + self.batch_size])]
-                width = max(len(x) for x in ids)
-                # left padding: the last position is every row's last real token, which is where
-                # the classifier reads its score
-                input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
-                mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-                logits = self.model(input_ids=input_ids.to(self.device),
-                                    attention_mask=mask.to(self.device)).logits
-                out.append(logits[:, 0].float().cpu())
-        finally:
-            self.model.to("cpu")
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-        return torch.cat(out)
-
-
-class TextTask:
-    """Prompts and references from a dataset; gold = a Hugging Face reward model (PAPER.md s. 6)."""
-    cheap_gold = False                      # an 8B forward per batch: gold only at evaluations
-
-    def __init__(self, spec: dict, device="cpu"):
-        self.spec = spec
-        self.max_prompt_len = spec["max_prompt_len"]
-        self.response_len = spec["response_len"]
-        self.train, self.held_out = load_text_dataset(spec["dataset"], spec["prompt_field"],
-                                                      spec["response_field"])
-        self.device = device
-        self._gold = None                   # loaded on first use: SFT never needs it
-
-    def sft_examples(self, n: int, seed: int):
-        prompts, references = zip(*_take(self.train, n, seed))
-        return list(prompts), list(references)
-
-    def pair_prompts(self, n: int, seed: int) -> list[str]:
-        return [p for p, _ in _take(self.train, n, seed + 1000)]
-
-    def ppo_prompts(self, n: int, seed: int) -> list[str]:
-        return [p for p, _ in _take(self.train, n, seed)]
-
-    def eval_examples(self, n: int):
-        prompts, references = zip(*self.held_out[:n])
-        return list(prompts), list(references)
-
-    def centring_examples(self, n: int, seed: int):
-        prompts, references = zip(*_take(self.held_out, min(n, len(self.held_out)), seed + 2000))
-        return list(prompts), list(references)
-
-    def gold(self, prompts: list[str], texts: list[str], ended: list[bool]) -> torch.Tensor:
-        """The gold RM scores the text as it is; a response without EOS is scored truncated."""
-        if self._gold is None:
-            s = self.spec
-            self._gold = GoldRewardModel(s["gold_model"], self.device, s["gold_batch_size"],
-                                         s["gold_max_len"])
-        return self._gold.score(prompts, texts)
-
-
-def save_task(task, directory: Path) -> None:
-    write_json(Path(directory) / TASK_FILE, task.spec)
-
-
-def load_task(sft_dir, device="cpu"):
-    """The task a run's SFT stage was made with (an SFT directory without task.json is the toy)."""
-    file = Path(sft_dir) / TASK_FILE
-    spec = json.loads(file.read_text()) if file.is_file() else {"kind": "toy"}
-    if spec.get("kind") == "toy":
-        return ToyTask()
-    if spec.get("kind") == "text":
-        return TextTask(spec, device)
-    raise StageError(f"{file} names an unknown task kind {spec.get('kind')!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,7 +113,7 @@ def encode_prompts(tokenizer, prompts: list[str], max_len: int | None = None) ->
     return torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids])
 
 
-def encode_responses(tokenizer, responses: list[str], length: int = RESPONSE_LEN) -> torch.Tensor:
+def encode_responses(tokenizer, responses: list[str], length: int) -> torch.Tensor:
     """Response ids (B, R): the words, then <eos>, then pad. Truncated to R tokens.
     A reference that already ends in the EOS text (TL;DR's end in "<|endoftext|>") gets one EOS."""
     rows = []
@@ -510,9 +210,27 @@ def pair_reward_scores(rm, query, chosen, rejected, pad_id, eos_id):
     hidden = rm.base_model(input_ids=response, attention_mask=mask, position_ids=pos[:, P:],
                            cache=cache, use_cache=True).last_hidden_state       # (2B, R, H)
     last = last_token_index(query2, response, eos_id) - P   # the EOS, or the last token if none
-    per_token = rm.score(hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1])))
-    scores = per_token.squeeze(-1).squeeze(-1).float() - getattr(rm.config, "reward_bias", 0.0)
-    return scores.view(B, 2).unbind(dim=1)
+    scores = centred_head(rm, hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1])))
+    return scores.squeeze(1).view(B, 2).unbind(dim=1)
+
+
+def centred_head(rm, hidden: torch.Tensor) -> torch.Tensor:
+    """The scalar head on hidden states, minus the RM's centring bias: (..., H) -> (...), float32.
+
+    The one place where the bias is subtracted. The RM's reward (read at the EOS), and PPO's value
+    model (a copy of the RM read at every state, as the authors' critic is) both go through it, so
+    a model made from an RM never sees its scores off by `reward_bias`.
+    """
+    return rm.score(hidden).squeeze(-1).float() - getattr(rm.config, "reward_bias", 0.0)
+
+
+def head_scores(rm, query, response, pad_id, eos_id) -> torch.Tensor:
+    """centred_head at every position of prompt+response: (B, P+R). Position i reads the hidden
+    state after token i, so P - 1 + t is the state from which response token t is chosen."""
+    input_ids, mask, pos = model_inputs(query, response, pad_id, eos_id)
+    hidden = rm.base_model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
+                           use_cache=False).last_hidden_state                  # no KV cache kept
+    return centred_head(rm, hidden)                                             # (B, P+R)
 
 
 def reward_scores(rm, query, response, pad_id, eos_id) -> torch.Tensor:
@@ -521,12 +239,8 @@ def reward_scores(rm, query, response, pad_id, eos_id) -> torch.Tensor:
     We call the backbone and the scalar head ourselves rather than rely on the library's pooling,
     so the position is the same in training, in PPO and in the tests: (B,).
     """
-    input_ids, mask, pos = model_inputs(query, response, pad_id, eos_id)
-    hidden = rm.base_model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
-                           use_cache=False).last_hidden_state                  # no KV cache kept
-    per_token = rm.score(hidden).squeeze(-1).float()                              # (B, P+R)
     idx = last_token_index(query, response, eos_id)
-    return per_token.gather(1, idx.unsqueeze(1)).squeeze(1) - getattr(rm.config, "reward_bias", 0.0)
+    return head_scores(rm, query, response, pad_id, eos_id).gather(1, idx.unsqueeze(1)).squeeze(1)
 
 
 @torch.no_grad()
@@ -578,10 +292,6 @@ def decode_responses(tokenizer, response: torch.Tensor, eos_id: int) -> tuple[li
         words = [t for t, keep in zip(row, m) if keep and t != eos_id]
         texts.append(tokenizer.decode(words))
     return texts, has_eos(response, eos_id).tolist()
-
-
-def gold_rewards(prompts: list[str], texts: list[str], ended: list[bool]) -> torch.Tensor:
-    return torch.tensor([gold_reward(p, t, e) for p, t, e in zip(prompts, texts, ended)])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ import datasets
 import torch
 
 import common as C
+import task as T
 import reward_model as RM
 
 
@@ -189,7 +190,7 @@ def main(argv=None):
     if args.fresh_pairs:   # what the new pairs depend on (the batch size sets the sampling order)
         settings.update(label=args.label, seed=args.seed,
                         forward_batch_size=args.forward_batch_size)
-    task = C.load_task(args.sft, device)
+    task = T.load_task(args.sft, device)
 
     if weights_dir.exists():   # finished in an earlier, interrupted call: reuse, never recompute
         check_reusable(weights_dir, settings)

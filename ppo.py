@@ -43,6 +43,9 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification
 
 import common as C
+import task as T
+
+WARMUP_SEED_OFFSET = 7919          # the critic warm-up's prompt stream: seed + this
 
 
 def parse_args(argv=None):
@@ -69,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--vf_coef", type=float, default=0.1, help="value loss coefficient")
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient norm clip")
     p.add_argument("--no_eos_score", type=float, default=-1.0, help="score of a response with no EOS")
+    p.add_argument("--critic_warmup", type=int, default=0,
+                   help="value-only updates before the policy's first update (on rollouts of "
+                        "their own; the policy does not move and the lr schedule does not start)")
     p.add_argument("--eval_every", type=int, default=10, help="updates between held-out evaluations")
     p.add_argument("--eval_prompts", type=int, default=512, help="size of the fixed held-out prompt set")
     p.add_argument("--micro_batch_size", type=int, default=0,
@@ -81,6 +87,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.updates <= 0 or args.batch_size <= 0 or args.eval_every <= 0:
         raise C.StageError("--updates, --batch_size and --eval_every must be positive")
+    if args.critic_warmup < 0:
+        raise C.StageError("--critic_warmup must be >= 0")
     if args.minibatches <= 0 or args.ppo_epochs <= 0:
         raise C.StageError("--minibatches and --ppo_epochs must be positive")
     if args.batch_size % args.minibatches:
@@ -128,27 +136,33 @@ def gae(rewards, values, mask, gamma, lam):
     return advantages, (advantages + values) * mask                        # A, returns
 
 
+def value_loss(values, values_old, returns, mask, vf_clip):
+    """Clipped value loss 0.5 E[max((V - R)^2, (clip(V, V_old +- vf_clip) - R)^2)] (masked mean)."""
+    v_clipped = values_old + (values - values_old).clamp(-vf_clip, vf_clip)
+    return masked_mean(0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
+
+
 def ppo_losses(logp, logp_old, advantages, values, values_old, returns, mask, clip, vf_clip):
     """Clipped surrogate and clipped value loss (masked means); plus clipfrac and approx KL."""
     log_ratio = logp - logp_old
     ratio = torch.exp(log_ratio)
     pg = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
-    v_clipped = values_old + (values - values_old).clamp(-vf_clip, vf_clip)
-    vf = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
     with torch.no_grad():
         clipfrac = masked_mean(((ratio - 1).abs() > clip).float(), mask)
         # k3 estimator of KL(pi_old || pi): http://joschu.net/blog/kl-approx.html
         approx_kl = masked_mean(ratio - 1 - log_ratio, mask)
-    return masked_mean(pg, mask), masked_mean(vf, mask), clipfrac, approx_kl
+    return (masked_mean(pg, mask), value_loss(values, values_old, returns, mask, vf_clip),
+            clipfrac, approx_kl)
 
 
 def token_values(value_model, query, response, pad, eos):
-    """V(state before response token t) for t = 0..R-1: head on the hidden state at P-1+t."""
-    input_ids, attn, pos = C.model_inputs(query, response, pad, eos)
-    hidden = value_model.base_model(input_ids=input_ids, attention_mask=attn,
-                                    position_ids=pos).last_hidden_state
+    """V(state before response token t) for t = 0..R-1: the centred head at position P-1+t.
+
+    The critic is the reward model itself, centring included (head - reward_bias, as the
+    authors' critic is), so at the start of a stage it already predicts the centred reward
+    instead of being off by the bias at every state."""
     P = query.shape[1]
-    return value_model.score(hidden[:, P - 1:-1]).squeeze(-1).float()          # (B, R)
+    return C.head_scores(value_model, query, response, pad, eos)[:, P - 1:-1]   # (B, R)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,12 +195,15 @@ def evaluate(policy, sft, rm, tokenizer, task, prompts, query, args, temperature
 
 
 def ppo_update(update, batch_prompts, policy, value_model, kl_ref, sft, rm, tokenizer, opt, sched,
-               gen, args, task) -> dict:
+               gen, args, task, train_policy: bool = True) -> dict:
     """One PPO update (steps 1-6 of the module docstring) on one batch of prompts; its log row.
 
     `sft` is None when the KL reference is the SFT policy itself (KL to SFT = KL to the reference).
     The optimizer holds the policy's and the value model's parameters; `sched` decays its lr.
     `task` gives the response length, the prompt truncation and the gold reward.
+    train_policy=False is a critic warm-up update: the same rollout, advantages and returns, but
+    only the value loss is minimised (the policy gets no gradient) and the lr schedule does not
+    advance.
     """
     device = next(policy.parameters()).device
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -236,6 +253,14 @@ def ppo_update(update, batch_prompts, policy, value_model, kl_ref, sft, rm, toke
             opt.zero_grad(set_to_none=True)
             for mb in idx.split(micro):      # gradient accumulation; one piece unless --micro_batch_size
                 q, r, m = query[mb], response[mb], mask[mb]
+                if not train_policy:         # critic warm-up: L = 0.1 L_vf, the policy stays put
+                    with C.autocast(device):
+                        values = token_values(value_model, q, r, pad, eos)               # (b, R)
+                    vf_loss = value_loss(values, values_old[mb], returns[mb], m, args.vf_clip)
+                    C.check_finite(vf_loss, "loss", "ppo", update)
+                    (args.vf_coef * vf_loss * (len(mb) / len(idx))).backward()
+                    stats["value_loss"].append(vf_loss.item())
+                    continue
                 with C.autocast(device):
                     logits = C.response_logits(policy, q, r, pad, eos, args.temperature)  # (b, R, V)
                     values = token_values(value_model, q, r, pad, eos)                    # (b, R)
@@ -257,7 +282,8 @@ def ppo_update(update, batch_prompts, policy, value_model, kl_ref, sft, rm, toke
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             opt.step()
     lr = sched.get_last_lr()[0]
-    sched.step()
+    if train_policy:
+        sched.step()
 
     # 6. log: what PPO optimised (proxy) next to what we actually want (gold)
     texts, ended = C.decode_responses(tokenizer, response, eos)
@@ -272,7 +298,7 @@ def ppo_update(update, batch_prompts, policy, value_model, kl_ref, sft, rm, toke
         "gold_reward": task.gold(batch_prompts, texts, ended).mean().item() if task.cheap_gold else None,
         "response_length": mask.sum(1).mean().item(),
         "no_eos_fraction": 1.0 - sum(ended) / B,
-        **{k: sum(v) / len(v) for k, v in stats.items()},
+        **{k: sum(v) / len(v) if v else None for k, v in stats.items()},   # None: warm-up
         "lr": lr, "episodes_per_second": B / seconds,
         # prompt + response tokens through the update, pads excluded
         "tokens_per_second": ((query != pad).sum() + mask.sum()).item() / seconds,
@@ -298,7 +324,7 @@ def main(argv=None):
     if args.gradient_checkpointing:
         policy.activation_checkpointing_enable()
         value_model.activation_checkpointing_enable()
-    task = C.load_task(args.sft, device)
+    task = T.load_task(args.sft, device)
     for m in (kl_ref, sft, rm):
         m.requires_grad_(False)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -319,11 +345,22 @@ def main(argv=None):
         curve.append({"update": update, "episodes": update * B, **stats})
 
     eval_point(0)
+    sft_or_none = None if args.sft == args.kl_ref else sft
+    # critic warm-up (OpenRLHF's --freezing_actor_steps): the value model, a copy of the RM, has
+    # only been fitted at EOS states; a few value-only updates fit it at every state before its
+    # advantages move the policy. Its prompts are a stream of their own, so the policy's updates
+    # see the same prompts with or without it.
+    warmup_prompts = task.ppo_prompts(args.critic_warmup * B, seed=args.seed + WARMUP_SEED_OFFSET)
+    warmup_value_loss = []
+    for w in tqdm(range(args.critic_warmup), desc="critic warm-up", mininterval=2,
+                  disable=not args.critic_warmup):
+        row = ppo_update(w + 1, warmup_prompts[w * B:(w + 1) * B], policy, value_model, kl_ref,
+                         sft_or_none, rm, tokenizer, opt, sched, gen, args, task, train_policy=False)
+        warmup_value_loss.append(row["value_loss"])
     bar = tqdm(range(1, args.updates + 1), desc="ppo", mininterval=2)
     for update in bar:
         row = ppo_update(update, prompts[(update - 1) * B:update * B], policy, value_model, kl_ref,
-                         None if args.sft == args.kl_ref else sft, rm, tokenizer, opt, sched, gen, args,
-                         task)
+                         sft_or_none, rm, tokenizer, opt, sched, gen, args, task)
         metrics.append(row)
         bar.set_postfix(proxy=f"{row['proxy_reward']:.2f}", kl=f"{row['kl_to_sft']:.2f}",
                         eps=f"{row['episodes_per_second']:.1f}",
@@ -359,7 +396,8 @@ def main(argv=None):
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
         (tmp / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
         C.write_json(tmp / "final.json", final)
-        C.write_json(tmp / "ppo_info.json", {"args": vars(args), "seconds": time.time() - start})
+        C.write_json(tmp / "ppo_info.json", {"args": vars(args), "seconds": time.time() - start,
+                                             "critic_warmup_value_loss": warmup_value_loss})
     print(f"ppo: final gold {final['gold']:.3f}, proxy {final['proxy']:.3f}, "
           f"win rate vs SFT {final['win_rate_vs_sft']:.3f}, vs reference "
           f"{final['win_rate_vs_reference']:.3f}, KL to SFT {final['kl_to_sft']:.2f}; "

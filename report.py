@@ -1,18 +1,24 @@
-"""Collect one run directory into report.json, report.md and curves.png; or average several
-seeds' reports into one.
+"""Collect one run directory into report.json, report.md and curves.png; average several seeds'
+reports into one; or judge runs against the demo's gates.
 
 One run (--run_dir): reads what the stages wrote (eval.jsonl / final.json of every PPO stage,
 settings.json of every weights dataset, the *_info.json timings) and stitches each arm's rounds
 into one curve whose `episodes` count from the start of round 1. Nothing is recomputed.
 
 Several seeds (--aggregate): reads each run's report.json and writes, into --out, every arm's
-final numbers as mean +- standard error over seeds (s.e. = sample std / sqrt(n)), OCRM minus each
-control paired by seed (the seeds share nothing else, so the paired difference is the comparison
-to trust), the curves averaged point by point, and the per-round OCRM diagnostics.
+final numbers as mean +- standard error over seeds (s.e. = sample std / sqrt(n)), each
+comparison (OCRM minus each control, the fresh-pairs control minus standard RLHF) paired by seed
+(the seeds share nothing else, so the paired difference is the comparison to trust), the curves
+averaged point by point, and the per-round refit diagnostics.
+
+Gates (--gates): the four checks a variant of the embedded task must pass, in order, to teach the
+paper (docs/experiments.md): 1 RLHF beats SFT, 2 standard RLHF overoptimizes, 3 the on-policy
+control beats standard RLHF, 4 OCRM beats both controls and SFT. Prints one table.
 
     python report.py --run_dir runs/toy-seed1 --rounds 3 --seed 1
-    python report.py --aggregate runs/toy-seed1 runs/toy-seed2 runs/toy-seed3 \
+    python report.py --aggregate runs/toy-seed1 runs/toy-seed2 runs/toy-seed3 \\
         --out runs/toy-aggregate
+    python report.py --gates runs/toy-seed1 runs/toy-seed2
 """
 import argparse
 import json
@@ -21,10 +27,16 @@ from pathlib import Path
 
 import common as C
 
-ARMS = ("standard_rlhf", "ppo_new_kl", "ocrm")
-CONTROLS = ("standard_rlhf", "ppo_new_kl")        # what OCRM is compared with
+ALL_ARMS = ("standard_rlhf", "ppo_new_kl", "ocrm", "fresh_pairs")
+DEFAULT_ARMS = ("standard_rlhf", "ppo_new_kl", "ocrm")
+REFIT_ARMS = ("ocrm", "fresh_pairs")              # arms whose reward model is refitted each round
+# (arm, control): the differences reported, whenever both arms were run
+COMPARISONS = (("ocrm", "standard_rlhf"), ("ocrm", "ppo_new_kl"), ("fresh_pairs", "standard_rlhf"))
 LABELS = {"sft": "SFT", "standard_rlhf": "standard RLHF", "ppo_new_kl": "PPO + new KL",
-          "ocrm": "OCRM"}
+          "ocrm": "OCRM", "fresh_pairs": "fresh-pairs control"}
+# what the final evaluation reports per arm (final.json), in report.json and the aggregate
+FINAL_KEYS = ("gold", "proxy", "kl_to_sft", "win_rate_vs_sft", "win_rate_vs_reference")
+GATE_SE = {1: 5, 2: 3, 3: 2, 4: 2}                # how many standard errors each gate asks for
 
 
 def parse_args(argv=None):
@@ -33,9 +45,14 @@ def parse_args(argv=None):
     mode.add_argument("--run_dir", help="run directory written by run_all.sh (one seed)")
     mode.add_argument("--aggregate", nargs="+", metavar="RUN_DIR",
                       help="run directories of several seeds, each with its report.json")
+    mode.add_argument("--gates", nargs="+", metavar="RUN_DIR",
+                      help="run directories of several seeds, each with its report.json: print "
+                           "the four gates of docs/experiments.md")
     p.add_argument("--rounds", type=int, help="number of rounds (ROUNDS); with --run_dir")
     p.add_argument("--seed", type=int,
                    help="the run's seed, recorded in the report; with --run_dir")
+    p.add_argument("--arms", nargs="+", choices=ALL_ARMS, default=list(DEFAULT_ARMS),
+                   help="the arms the run has (ARMS of run_all.sh); with --run_dir")
     p.add_argument("--out", help="with --aggregate: directory for the aggregate report")
     args = p.parse_args(argv)
     if args.run_dir is not None:
@@ -45,11 +62,11 @@ def parse_args(argv=None):
         if args.out is not None:
             p.error("--out goes with --aggregate; --run_dir writes into the run directory")
     else:
-        if args.out is None:
-            p.error("--aggregate needs --out")
+        if (args.aggregate is None) != (args.out is None):
+            p.error("--aggregate needs --out, and --out goes with --aggregate only")
         if args.rounds is not None or args.seed is not None:
-            p.error("--rounds and --seed go with --run_dir; --aggregate reads them from each "
-                    "report.json")
+            p.error("--rounds and --seed go with --run_dir; --aggregate and --gates read them "
+                    "from each report.json")
     return args
 
 
@@ -57,44 +74,47 @@ def stage_dirs(run_dir: Path, arm: str, rounds: int) -> list[Path]:
     return [run_dir / "ppo_1"] + [run_dir / arm / f"round_{k}" for k in range(2, rounds + 1)]
 
 
+def read_final(d: Path) -> dict:
+    if not (d / "final.json").is_file():
+        raise C.StageError(f"{d} is missing or unfinished; run run_all.sh first")
+    return json.loads((d / "final.json").read_text())
+
+
 def arm_report(dirs: list[Path]) -> dict:
-    """Final numbers of the last round and the curve over all rounds (episodes cumulative)."""
-    curve, offset = [], 0
+    """Final numbers of the last round, each round's final gold, and the curve over all rounds
+    (episodes cumulative)."""
+    curve, offset, stage_finals = [], 0, []
     for i, d in enumerate(dirs):
-        if not (d / "final.json").is_file():
-            raise C.StageError(f"{d} is missing or unfinished; run run_all.sh first")
+        final = read_final(d)
+        stage_finals.append({"stage": f"round_{i + 1}", "gold": final["gold"],
+                             "gold_se": final["gold_se"]})
         points = C.read_jsonl(d / "eval.jsonl")
         for p in points[1 if i else 0:]:      # a round's first point is the previous round's last
             curve.append({"episodes": offset + p["episodes"], "kl_to_sft": p["kl_to_sft"],
-                          "proxy": p["proxy"], "gold": p["gold"]})
+                          "proxy": p["proxy"], "gold": p["gold"], "gold_se": p["gold_se"]})
         offset += points[-1]["episodes"]
-    final = json.loads((dirs[-1] / "final.json").read_text())
-    return {"gold": final["gold"], "gold_se": final.get("gold_se"), "proxy": final["proxy"],
-            "kl_to_sft": final["kl_to_sft"], "win_rate_vs_sft": final["win_rate_vs_sft"],
-            "curve": curve}
+    return {**{k: final[k] for k in FINAL_KEYS}, "gold_se": final["gold_se"],
+            "stage_finals": stage_finals, "curve": curve}
 
 
-def held_out_noise(dirs: dict[str, Path]) -> dict | None:
-    """The held-out set's own noise on the comparisons: s.e. over prompts of the per-prompt
-    difference OCRM minus each control (final gold, same prompts, same order). None for stages
-    written before final.json kept `gold_per_prompt`."""
-    per_prompt = {arm: json.loads((d / "final.json").read_text()).get("gold_per_prompt")
-                  for arm, d in dirs.items()}
-    if None in per_prompt.values():
-        return None
+def held_out_noise(dirs: dict[str, Path]) -> dict:
+    """The held-out set's own noise on each comparison: s.e. over prompts of the per-prompt
+    difference arm minus control (final gold, same prompts, same order)."""
+    per_prompt = {arm: read_final(d)["gold_per_prompt"] for arm, d in dirs.items()}
     if len({len(gold) for gold in per_prompt.values()}) > 1:
         raise C.StageError(f"the arms' last rounds ({', '.join(map(str, dirs.values()))}) were "
                            f"evaluated on different numbers of held-out prompts; run every arm "
                            f"with the same --eval_prompts")
-    return {f"ocrm_minus_{control}": C.std_err_or_none(
-                [a - b for a, b in zip(per_prompt["ocrm"], per_prompt[control])])
-            for control in CONTROLS}
+    return {f"{arm}_minus_{control}": C.std_err_or_none(
+                [a - b for a, b in zip(per_prompt[arm], per_prompt[control])])
+            for arm, control in COMPARISONS if arm in dirs and control in dirs}
 
 
 def overoptimization(curve: list[dict]) -> dict:
     """Where the gold curve peaks, and how gold and proxy end relative to that peak."""
     peak = max(curve, key=lambda p: p["gold"])
     return {"peak_gold": peak["gold"], "peak_episodes": peak["episodes"],
+            "peak_gold_se": peak.get("gold_se"),
             "proxy_at_peak": peak["proxy"], "final_gold": curve[-1]["gold"],
             "final_proxy": curve[-1]["proxy"],
             "gold_drop_from_peak": peak["gold"] - curve[-1]["gold"],
@@ -112,56 +132,86 @@ def stage_seconds(run_dir: Path) -> dict:
     return seconds
 
 
-def build_report(run_dir: Path, rounds: int, seed: int) -> dict:
-    first = json.loads((run_dir / "ppo_1" / "final.json").read_text()) \
-        if (run_dir / "ppo_1" / "final.json").is_file() else None
-    if first is None:
-        raise C.StageError(f"{run_dir}/ppo_1 is missing or unfinished; run run_all.sh first")
-    start = C.read_jsonl(run_dir / "ppo_1" / "eval.jsonl")[0]
-    arms = {"sft": {"gold": first["sft"]["gold"], "gold_se": first["sft"].get("gold_se"),
-                    "proxy": first["sft"]["proxy"], "kl_to_sft": 0.0,
-                    "win_rate_vs_sft": 0.5,
-                    "curve": [{k: start[k] for k in ("episodes", "kl_to_sft", "proxy", "gold")}]}}
-    for arm in ARMS:
-        arms[arm] = arm_report(stage_dirs(run_dir, arm, rounds))
-    weights = []
+def refits(run_dir: Path, arm: str, rounds: int) -> list[dict]:
+    """Per round of a refitting arm: the weights (all 1 for the fresh-pairs control) and how well
+    the refitted RM ranks pairs."""
+    rows = []
     for k in range(2, rounds + 1):
-        settings = json.loads((run_dir / "ocrm" / f"weights_{k}" / "settings.json").read_text())
-        rm_info = json.loads((run_dir / "ocrm" / f"rm_{k}" / "rm_info.json").read_text())
+        settings = json.loads((run_dir / arm / f"weights_{k}" / "settings.json").read_text())
+        rm_info = json.loads((run_dir / arm / f"rm_{k}" / "rm_info.json").read_text())
         d = settings["diagnostics"]
-        weights.append({"round": k, "ess_fraction": d["ess_fraction"], "min": d["min"],
-                        "mean": d["mean"], "max": d["max"], "alpha": settings["alpha"],
-                        "lam": settings["lam"], "normalize": settings["normalize"],
-                        "clip": settings["clip"],
-                        # > 0: the control that refits on new pairs from the policy, not OCRM
-                        "fresh_pairs": settings.get("fresh_pairs", 0),
-                        "rm_heldout_accuracy": rm_info["heldout_accuracy"],
-                        # pairwise accuracy vs gold on fresh samples of the policy being corrected
-                        "policy_pair_accuracy": rm_info.get("policy_pair_accuracy")})
+        rows.append({"round": k, "ess_fraction": d["ess_fraction"], "min": d["min"],
+                     "mean": d["mean"], "max": d["max"], "alpha": settings["alpha"],
+                     "lam": settings["lam"], "normalize": settings["normalize"],
+                     "clip": settings["clip"],
+                     # > 0: the control that refits on new pairs from the policy, not OCRM
+                     "fresh_pairs": settings["fresh_pairs"],
+                     "rm_heldout_accuracy": rm_info["heldout_accuracy"],
+                     # pairwise accuracy vs gold on fresh samples of the policy being corrected
+                     "policy_pair_accuracy": rm_info.get("policy_pair_accuracy")})
+    return rows
+
+
+def build_report(run_dir: Path, rounds: int, seed: int, arms=DEFAULT_ARMS) -> dict:
+    first = read_final(run_dir / "ppo_1")
+    start = C.read_jsonl(run_dir / "ppo_1" / "eval.jsonl")
+    sft_point = {k: start[0][k] for k in ("episodes", "kl_to_sft", "proxy", "gold", "gold_se")}
+    report_arms = {"sft": {"gold": first["sft"]["gold"], "gold_se": first["sft"]["gold_se"],
+                           "proxy": first["sft"]["proxy"], "kl_to_sft": 0.0,
+                           "win_rate_vs_sft": 0.5,
+                           "win_rate_vs_reference": first["sft"]["win_rate_vs_reference"],
+                           "curve": [sft_point]}}
+    for arm in arms:
+        report_arms[arm] = arm_report(stage_dirs(run_dir, arm, rounds))
     rm_1 = json.loads((run_dir / "rm_1" / "rm_info.json").read_text())
-    noise = held_out_noise({arm: stage_dirs(run_dir, arm, rounds)[-1] for arm in ARMS})
-    return {"seed": seed, "rounds": rounds, "arms": arms, "weights": weights,
-            "held_out_noise": noise,
-            "rm_1_heldout_accuracy": rm_1["heldout_accuracy"],
-            "overoptimization": {"standard_rlhf": overoptimization(arms["standard_rlhf"]["curve"])},
-            "seconds": stage_seconds(run_dir)}
+    noise = held_out_noise({arm: stage_dirs(run_dir, arm, rounds)[-1] for arm in arms})
+    report = {"seed": seed, "rounds": rounds, "arms": report_arms,
+              "episodes_per_round": start[-1]["episodes"],
+              "weights": refits(run_dir, "ocrm", rounds) if "ocrm" in arms else [],
+              "held_out_noise": noise,
+              "rm_1_heldout_accuracy": rm_1["heldout_accuracy"],
+              "overoptimization": {"standard_rlhf": overoptimization(
+                  report_arms["standard_rlhf"]["curve"])} if "standard_rlhf" in arms else {},
+              "seconds": stage_seconds(run_dir)}
+    if "fresh_pairs" in arms:
+        report["fresh_pairs_refits"] = refits(run_dir, "fresh_pairs", rounds)
+    return report
 
 
 def fresh_pairs_note(weights: list[dict]) -> list[str]:
     """report.md says so when the `ocrm` arm is ocrm_correct.py's --fresh_pairs control."""
-    n = max([w.get("fresh_pairs", 0) for w in weights], default=0)
+    n = max([w["fresh_pairs"] for w in weights], default=0)
     return [f"**The `ocrm` arm here is the fresh-pairs control, not OCRM**: each refit used {n} "
             f"new gold-labelled pairs sampled from the current policy, unweighted.", ""] if n else []
 
 
 def noise_lines(gold_se: list, noise: dict | None, of_what: str) -> list[str]:
-    """One sentence on the held-out set's own noise (nothing for runs made before it was kept)."""
-    if None in gold_se or noise is None or None in noise.values():
+    """One sentence on the held-out set's own noise."""
+    if not noise or None in gold_se or None in noise.values():
         return []
+    pairs = "; ".join(f"{LABELS[a]} minus {LABELS[b]} ± {noise[f'{a}_minus_{b}']:.3f}"
+                      for a, b in COMPARISONS if f"{a}_minus_{b}" in noise)
     return ["", f"Held-out set noise{of_what} (s.e. over the held-out prompts): each arm's final "
-                f"gold ± {min(gold_se):.3f} to {max(gold_se):.3f}; on the same prompts, OCRM minus "
-                f"standard RLHF ± {noise['ocrm_minus_standard_rlhf']:.3f}, minus PPO + new KL "
-                f"± {noise['ocrm_minus_ppo_new_kl']:.3f}."]
+                f"gold ± {min(gold_se):.3f} to {max(gold_se):.3f}; on the same prompts, {pairs}."]
+
+
+def refit_table(rows: list[dict], arm: str, held_out_what: str) -> list[str]:
+    lines = ["", f"Per {LABELS[arm]} round: the weights, and how well the RM ranks fresh pairs "
+             "sampled from the policy being corrected (accuracy vs gold, ties left out), before "
+             "and after the refit.", "",
+             f"| {LABELS[arm]} round | ESS / N | min w | mean w | max w | held-out acc "
+             f"({held_out_what}) | policy-pair acc before | after |",
+             "|---|---|---|---|---|---|---|---|"]
+    for w in rows:
+        acc = w["policy_pair_accuracy"] or {}
+        before, after = (f"{acc[k]:.3f}" if k in acc else "-" for k in ("before", "after"))
+        lines.append(f"| {w['round']} | {w['ess_fraction']:.3f} | {w['min']:.3g} | {w['mean']:.3g} "
+                     f"| {w['max']:.3g} | {w['rm_heldout_accuracy']:.3f} | {before} | {after} |")
+    return lines
+
+
+FINAL_HEADER = ["| arm | gold | proxy | KL to SFT | gold win rate vs SFT | vs reference |",
+                "|---|---|---|---|---|---|"]
 
 
 def markdown(report: dict) -> str:
@@ -169,72 +219,113 @@ def markdown(report: dict) -> str:
     lines = [f"# OCRM run, seed {report['seed']}, {report['rounds']} rounds", "", *note,
              "Final evaluation on the fixed held-out prompts (near-greedy decode, T = 0.01); "
              "KL to SFT from T = 0.7 samples. `proxy` is each arm's own last reward model.", "",
-             "| arm | gold | proxy | KL to SFT | gold win rate vs SFT |", "|---|---|---|---|---|"]
+             *FINAL_HEADER]
     for arm, r in report["arms"].items():
         lines.append(f"| {LABELS[arm]} | {r['gold']:.3f} | {r['proxy']:.3f} | {r['kl_to_sft']:.2f} "
-                     f"| {r['win_rate_vs_sft']:.3f} |")
-    lines += noise_lines([r.get("gold_se") for r in report["arms"].values()],
-                         report.get("held_out_noise"), "")
-    o = report["overoptimization"]["standard_rlhf"]
-    lines += ["", f"Standard RLHF gold peaked at {o['peak_gold']:.3f} after {o['peak_episodes']} "
-              f"episodes and ended at {o['final_gold']:.3f} (T = 0.7 samples); its proxy went "
-              f"{o['proxy_at_peak']:.3f} -> {o['final_proxy']:.3f} over the same span.", "",
-              f"RM_1 held-out pair accuracy: {report['rm_1_heldout_accuracy']:.3f}", "",
-              "Per OCRM round: the weights, and how well the RM ranks fresh pairs sampled from the "
-              "policy being corrected (accuracy vs gold, ties left out), before and after the refit.",
-              "",
-              "| OCRM round | ESS / N | min w | mean w | max w | held-out acc "
-              + ("(its own fresh pairs) " if note else "(SFT pairs) ")
-              + "| policy-pair acc before | after |",
-              "|---|---|---|---|---|---|---|---|"]
-    for w in report["weights"]:
-        acc = w["policy_pair_accuracy"] or {}
-        before, after = (f"{acc[k]:.3f}" if k in acc else "-" for k in ("before", "after"))
-        lines.append(f"| {w['round']} | {w['ess_fraction']:.3f} | {w['min']:.3g} | {w['mean']:.3g} "
-                     f"| {w['max']:.3g} | {w['rm_heldout_accuracy']:.3f} | {before} | {after} |")
+                     f"| {r['win_rate_vs_sft']:.3f} | {r['win_rate_vs_reference']:.3f} |")
+    lines += noise_lines([r["gold_se"] for r in report["arms"].values()],
+                         report["held_out_noise"], "")
+    o = report["overoptimization"].get("standard_rlhf")
+    if o:
+        lines += ["", f"Standard RLHF gold peaked at {o['peak_gold']:.3f} after "
+                  f"{o['peak_episodes']} episodes and ended at {o['final_gold']:.3f} (T = 0.7 "
+                  f"samples); its proxy went {o['proxy_at_peak']:.3f} -> {o['final_proxy']:.3f} "
+                  f"over the same span."]
+    lines += ["", f"RM_1 held-out pair accuracy: {report['rm_1_heldout_accuracy']:.3f}"]
+    if report["weights"]:
+        lines += refit_table(report["weights"], "ocrm",
+                             "its own fresh pairs" if note else "SFT pairs")
+    if report.get("fresh_pairs_refits"):
+        lines += refit_table(report["fresh_pairs_refits"], "fresh_pairs", "its own fresh pairs")
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in report["seconds"].items()]
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, path: Path) -> None:
+# ----------------------------------------------------------------------------------------------
+# The figure: gold and proxy against episodes, with the rounds marked and the SFT policy's level;
+# gold against KL to SFT as points with a binned mean per arm
+# ----------------------------------------------------------------------------------------------
+def binned_mean(xs: list[float], ys: list[float], bins: int = 8):
+    """(x, y) means of `bins` groups of points of equal count, ordered by x: a line that follows
+    gold as KL grows, where joining the points in time order would cross itself."""
+    pts = sorted(zip(xs, ys))
+    size = max(1, len(pts) // bins)
+    groups = [pts[i:i + size] for i in range(0, len(pts), size)]
+    return ([sum(x for x, _ in g) / len(g) for g in groups],
+            [sum(y for _, y in g) / len(g) for g in groups])
+
+
+def draw(curves: dict, sft_gold: float, episodes_per_round: int, rounds: int, path: Path,
+         title: str, kl_label: str) -> None:
+    """curves: arm -> {"episodes", "gold", "gold_se" (or None), "proxy", "proxy_se", "kl"} lists."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for arm in ARMS:
-        c = report["arms"][arm]["curve"]
-        ep = [p["episodes"] for p in c]
-        axes[0].plot(ep, [p["gold"] for p in c], label=LABELS[arm])
-        axes[1].plot(ep, [p["proxy"] for p in c], label=LABELS[arm])
-        axes[2].plot([p["kl_to_sft"] for p in c], [p["gold"] for p in c], ".-", label=LABELS[arm])
-    finish_figure(fig, axes, "KL to SFT", f"seed {report['seed']}: held-out prompts, T = 0.7 samples",
-                  path)
-
-
-def finish_figure(fig, axes, kl_label: str, title: str, path: Path) -> None:
-    """Axis labels, grid, legend and title of the three-panel figure; save and close it."""
-    import matplotlib.pyplot as plt
-
-    for ax, (x, y) in zip(axes, (("episodes", "gold reward"), ("episodes", "proxy reward (own RM)"),
-                                 (kl_label, "gold reward"))):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for arm, c in curves.items():
+        for ax, y, se in ((axes[0], c["gold"], c["gold_se"]), (axes[1], c["proxy"], c["proxy_se"])):
+            line, = ax.plot(c["episodes"], y, label=LABELS[arm])
+            if se is not None:
+                ax.fill_between(c["episodes"], [m - s for m, s in zip(y, se)],
+                                [m + s for m, s in zip(y, se)], color=line.get_color(), alpha=0.2)
+        axes[2].scatter(c["kl"], c["gold"], s=8, alpha=0.35, color=line.get_color())
+        axes[2].plot(*binned_mean(c["kl"], c["gold"]), "o-", ms=3, color=line.get_color(),
+                     label=LABELS[arm])
+    for ax in axes[:2]:
+        for k in range(1, rounds):                                  # round boundaries
+            ax.axvline(k * episodes_per_round, color="0.6", lw=0.8, ls=":")
+    for ax in (axes[0], axes[2]):
+        ax.axhline(sft_gold, color="k", lw=0.8, ls="--", label="SFT policy")
+    for ax, (x, y) in zip(axes, (("episodes (dotted: round boundaries)", "gold reward"),
+                                 ("episodes (dotted: round boundaries)", "proxy reward (own RM)"),
+                                 (kl_label, "gold reward (points; line: binned mean)"))):
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def plot(report: dict, path: Path) -> None:
+    curves = {}
+    for arm, r in report["arms"].items():
+        if arm == "sft":
+            continue
+        c = r["curve"]
+        curves[arm] = {"episodes": [p["episodes"] for p in c], "gold": [p["gold"] for p in c],
+                       "gold_se": None, "proxy": [p["proxy"] for p in c], "proxy_se": None,
+                       "kl": [p["kl_to_sft"] for p in c]}
+    draw(curves, report["arms"]["sft"]["curve"][0]["gold"], report["episodes_per_round"],
+         report["rounds"], path, f"seed {report['seed']}: held-out prompts, T = 0.7 samples",
+         "KL to SFT")
+
+
+def plot_aggregate(agg: dict, path: Path) -> None:
+    curves = {}
+    for arm, c in agg["curves"].items():
+        if arm == "sft":
+            continue
+        gold_se = [p["gold_std_err"] for p in c]
+        proxy_se = [p["proxy_std_err"] for p in c]
+        curves[arm] = {"episodes": [p["episodes"] for p in c],
+                       "gold": [p["gold_mean"] for p in c],
+                       "gold_se": None if None in gold_se else gold_se,
+                       "proxy": [p["proxy_mean"] for p in c],
+                       "proxy_se": None if None in proxy_se else proxy_se,
+                       "kl": [p["kl_to_sft_mean"] for p in c]}
+    draw(curves, agg["curves"]["sft"][0]["gold_mean"], agg["episodes_per_round"], agg["rounds"],
+         path, f"mean ± s.e. over {len(agg['seeds'])} seeds: held-out prompts, T = 0.7 samples",
+         "KL to SFT (mean over seeds)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Several seeds: mean +- standard error over the runs' report.json files
 # ----------------------------------------------------------------------------------------------
-FINAL_KEYS = ("gold", "proxy", "kl_to_sft", "win_rate_vs_sft")
-
-
 def read_run_report(run_dir: Path) -> dict:
     path = run_dir / "report.json"
     if not path.is_file():
@@ -256,20 +347,15 @@ def mean_or_none(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def mean_if_all(values: list) -> float | None:
-    """The mean, or None if any value is missing (None): a mean over some seeds only would mix
-    runs made with and without the number."""
-    return None if None in values else sum(values) / len(values)
-
-
 def weight_settings(report: dict) -> list[str]:
-    return [" ".join(f"{k}={w.get(k, 0)}" for k in ("alpha", "lam", "normalize", "clip", "fresh_pairs"))
+    return [" ".join(f"{k}={w[k]}" for k in ("alpha", "lam", "normalize", "clip", "fresh_pairs"))
             for w in report["weights"]]
 
 
 def check_same_setup(run_dirs: list[Path], reports: list[dict]) -> None:
-    """Averaging needs one seed per run, the same rounds, the same evaluation points and the same
-    OCRM weight settings (the other stages' flags are not in report.json: keep them the same)."""
+    """Averaging needs one seed per run, the same arms and rounds, the same evaluation points and
+    the same OCRM weight settings (the other stages' flags are not in report.json: keep them the
+    same)."""
     first_dir, first = run_dirs[0], reports[0]
     seen = {}
     for d, r in zip(run_dirs, reports):
@@ -277,10 +363,13 @@ def check_same_setup(run_dirs: list[Path], reports: list[dict]) -> None:
             raise C.StageError(f"{seen[r['seed']]} and {d} are both seed {r['seed']}; "
                                f"aggregate one run per seed")
         seen[r["seed"]] = d
+        if list(r["arms"]) != list(first["arms"]):
+            raise C.StageError(f"{d} has the arms {list(r['arms'])} but {first_dir} has "
+                               f"{list(first['arms'])}; run every seed with the same ARMS")
         if r["rounds"] != first["rounds"]:
             raise C.StageError(f"{d} has {r['rounds']} rounds but {first_dir} has "
                                f"{first['rounds']}; run every seed with the same ROUNDS")
-        for arm in ("sft",) + ARMS:
+        for arm in r["arms"]:
             episodes = [p["episodes"] for p in r["arms"][arm]["curve"]]
             if episodes != [p["episodes"] for p in first["arms"][arm]["curve"]]:
                 raise C.StageError(f"{d} evaluated {arm} at other episodes than {first_dir}; run "
@@ -291,34 +380,50 @@ def check_same_setup(run_dirs: list[Path], reports: list[dict]) -> None:
                                f"with the same OCRM_ARGS")
 
 
+def paired(reports: list[dict], arm: str, control: str) -> dict:
+    """d_s = gold_arm(s) - gold_control(s): mean +- s.e. over seeds, and how many are > 0."""
+    diffs = [r["arms"][arm]["gold"] - r["arms"][control]["gold"] for r in reports]
+    return {**over_seeds(diffs), "wins": sum(d > 0 for d in diffs)}
+
+
+def refit_rounds(reports: list[dict], key: str) -> tuple[list[dict], list[dict]]:
+    """Per refit round: mean ESS, and the RM's accuracy on fresh policy pairs before/after the
+    refit (mean over the seeds that have it; runs made without --reward_model_before do not)."""
+    per_round, accuracy = [], []
+    for k in range(2, reports[0]["rounds"] + 1):
+        rows = [next(w for w in r[key] if w["round"] == k) for r in reports]
+        per_round.append({"round": k, **over_seeds([w["ess_fraction"] for w in rows])})
+        accs = [w["policy_pair_accuracy"] for w in rows if w["policy_pair_accuracy"] is not None]
+        accuracy.append({"round": k, "before": mean_or_none([a["before"] for a in accs]),
+                         "after": mean_or_none([a["after"] for a in accs]),
+                         "num_seeds": len(accs)})
+    return per_round, accuracy
+
+
 def aggregate_report(run_dirs: list[Path]) -> dict:
     reports = [read_run_report(d) for d in run_dirs]
     check_same_setup(run_dirs, reports)
-    seeds = [r["seed"] for r in reports]
+    seeds, arm_names = [r["seed"] for r in reports], list(reports[0]["arms"])
 
     # 1. each arm's final numbers, mean +- s.e. over seeds
     arms = {arm: {key: over_seeds([r["arms"][arm][key] for r in reports]) for key in FINAL_KEYS}
-            for arm in ("sft",) + ARMS}
+            for arm in arm_names}
 
-    # 2. paired by seed: d_s = gold_ocrm(s) - gold_control(s); mean +- s.e. of the d_s
-    paired = {}
-    for control in CONTROLS:
-        diffs = [r["arms"]["ocrm"]["gold"] - r["arms"][control]["gold"] for r in reports]
-        paired[f"ocrm_minus_{control}"] = {
-            "gold": {**over_seeds(diffs), "wins": sum(d > 0 for d in diffs)}}
+    # 2. paired by seed
+    comparisons = [(a, b) for a, b in COMPARISONS if a in arm_names and b in arm_names]
+    paired_differences = {f"{a}_minus_{b}": {"gold": paired(reports, a, b)} for a, b in comparisons}
 
     # 2b. the held-out set's own noise in one seed's numbers (s.e. over prompts), averaged over
     #     seeds; every seed is evaluated on the same prompts, and the s.e. over seeds above
     #     already includes this noise
-    noises = [r.get("held_out_noise") for r in reports]
-    held_out_noise = None if None in noises else {
-        key: mean_if_all([n[key] for n in noises]) for key in noises[0]}
-    held_out_gold_se = {arm: mean_if_all([r["arms"][arm].get("gold_se") for r in reports])
-                        for arm in ("sft",) + ARMS}
+    held_out_noise = {key: sum(r["held_out_noise"][key] for r in reports) / len(reports)
+                      for key in reports[0]["held_out_noise"]}
+    held_out_gold_se = {arm: sum(r["arms"][arm]["gold_se"] for r in reports) / len(reports)
+                        for arm in arm_names}
 
     # 3. curves: the i-th evaluation point of every seed (same episodes, checked above)
     curves = {}
-    for arm in ("sft",) + ARMS:
+    for arm in arm_names:
         curves[arm] = []
         for points in zip(*(r["arms"][arm]["curve"] for r in reports)):
             gold = over_seeds([p["gold"] for p in points])
@@ -329,25 +434,20 @@ def aggregate_report(run_dirs: list[Path]) -> dict:
                                 "proxy_mean": proxy["mean"], "proxy_std_err": proxy["std_err"],
                                 "kl_to_sft_mean": kl_to_sft["mean"]})
 
-    # 4. per OCRM round: mean ESS, and the RM's accuracy on fresh policy pairs before/after the
-    #    refit (mean over the seeds that have it; runs made without --reward_model_before do not)
-    per_round, accuracy = [], []
-    for k in range(2, reports[0]["rounds"] + 1):
-        rows = [next(w for w in r["weights"] if w["round"] == k) for r in reports]
-        per_round.append({"round": k, **over_seeds([w["ess_fraction"] for w in rows])})
-        accs = [w["policy_pair_accuracy"] for w in rows if w["policy_pair_accuracy"] is not None]
-        accuracy.append({"round": k, "before": mean_or_none([a["before"] for a in accs]),
-                         "after": mean_or_none([a["after"] for a in accs]),
-                         "num_seeds": len(accs)})
-
-    return {"seeds": seeds, "rounds": reports[0]["rounds"],
-            "run_dirs": [str(d) for d in run_dirs], "arms": arms,
-            "paired_differences": paired, "curves": curves,
-            "held_out_noise": held_out_noise, "held_out_gold_se": held_out_gold_se,
-            "overoptimization": [{"seed": r["seed"], **r["overoptimization"]["standard_rlhf"]}
-                                 for r in reports],
-            "weights": [{"seed": r["seed"], "weights": r["weights"]} for r in reports],
-            "ess_fraction": per_round, "policy_pair_accuracy": accuracy}
+    # 4. per refit round of OCRM (and of the fresh-pairs control, when it ran)
+    agg = {"seeds": seeds, "rounds": reports[0]["rounds"],
+           "episodes_per_round": reports[0]["episodes_per_round"],
+           "run_dirs": [str(d) for d in run_dirs], "arms": arms,
+           "paired_differences": paired_differences, "curves": curves,
+           "held_out_noise": held_out_noise, "held_out_gold_se": held_out_gold_se,
+           "overoptimization": [{"seed": r["seed"], **r["overoptimization"]["standard_rlhf"]}
+                                for r in reports if "standard_rlhf" in r["overoptimization"]],
+           "weights": [{"seed": r["seed"], "weights": r["weights"]} for r in reports]}
+    if "ocrm" in arm_names:
+        agg["ess_fraction"], agg["policy_pair_accuracy"] = refit_rounds(reports, "weights")
+    if "fresh_pairs" in arm_names:
+        _, agg["fresh_pairs_policy_pair_accuracy"] = refit_rounds(reports, "fresh_pairs_refits")
+    return agg
 
 
 def plus_minus(stat: dict, fmt: str) -> str:
@@ -366,70 +466,113 @@ def aggregate_markdown(agg: dict) -> str:
              "Mean ± standard error over seeds (s.e. = sample std / sqrt(n)) of each arm's "
              "final evaluation on the fixed held-out prompts (near-greedy decode, T = 0.01); KL to SFT "
              "from T = 0.7 samples. `proxy` is each arm's own last reward model.", "",
-             "| arm | gold | proxy | KL to SFT | gold win rate vs SFT |", "|---|---|---|---|---|"]
+             *FINAL_HEADER]
     for arm, r in agg["arms"].items():
         lines.append(f"| {LABELS[arm]} | {plus_minus(r['gold'], '.3f')} | "
                      f"{plus_minus(r['proxy'], '.3f')} | {plus_minus(r['kl_to_sft'], '.2f')} | "
-                     f"{plus_minus(r['win_rate_vs_sft'], '.3f')} |")
+                     f"{plus_minus(r['win_rate_vs_sft'], '.3f')} | "
+                     f"{plus_minus(r['win_rate_vs_reference'], '.3f')} |")
     lines += ["", "Final gold per seed:", "",
               "| seed | " + " | ".join(LABELS[a] for a in agg["arms"]) + " |",
               "|---" * (len(agg["arms"]) + 1) + "|"]
     for i, seed in enumerate(agg["seeds"]):
         lines.append(f"| {seed} | " + " | ".join(f"{r['gold']['per_seed'][i]:.3f}"
                                                  for r in agg["arms"].values()) + " |")
-    lines += ["", "OCRM minus each control, paired by seed (final gold):", "",
-              "| OCRM minus | mean difference | OCRM better on |", "|---|---|---|"]
-    for control in CONTROLS:
-        d = agg["paired_differences"][f"ocrm_minus_{control}"]["gold"]
-        lines.append(f"| {LABELS[control]} | {plus_minus(d, '+.3f')} | "
-                     f"{d['wins']} of {n} seeds |")
+    if agg["paired_differences"]:
+        lines += ["", "Paired by seed (final gold):", "",
+                  "| arm | minus | mean difference | better on |", "|---|---|---|---|"]
+        for key, d in agg["paired_differences"].items():
+            arm, control = next((a, b) for a, b in COMPARISONS if f"{a}_minus_{b}" == key)
+            lines.append(f"| {LABELS[arm]} | {LABELS[control]} | {plus_minus(d['gold'], '+.3f')} "
+                         f"| {d['gold']['wins']} of {n} seeds |")
     lines += noise_lines(list(agg["held_out_gold_se"].values()), agg["held_out_noise"],
                          " in one seed's numbers, mean over seeds")
-    drops = [o["gold_drop_from_peak"] for o in agg["overoptimization"]]
-    lines += ["", f"Standard RLHF's gold (T = 0.7 samples) ended below its peak on "
-              f"{sum(x > 0 for x in drops)} of {n} seeds; drop from the peak "
-              f"{plus_minus(over_seeds(drops), '.3f')}.", "",
-              "Per OCRM round, mean over seeds: the weights' ESS / N, and how well the RM ranks "
-              "fresh pairs sampled from the policy being corrected (accuracy vs gold), before and "
-              "after the refit.", "",
-              "| OCRM round | ESS / N | policy-pair acc before | after | seeds |",
-              "|---|---|---|---|---|"]
-    for ess, acc in zip(agg["ess_fraction"], agg["policy_pair_accuracy"]):
-        before, after = ("-" if acc[k] is None else f"{acc[k]:.3f}" for k in ("before", "after"))
-        lines.append(f"| {ess['round']} | {plus_minus(ess, '.3f')} | {before} | {after} "
-                     f"| {acc['num_seeds']} |")
+    if agg["overoptimization"]:
+        drops = [o["gold_drop_from_peak"] for o in agg["overoptimization"]]
+        lines += ["", f"Standard RLHF's gold (T = 0.7 samples) ended below its peak on "
+                  f"{sum(x > 0 for x in drops)} of {n} seeds; drop from the peak "
+                  f"{plus_minus(over_seeds(drops), '.3f')}."]
+    if "ess_fraction" in agg:
+        lines += ["", "Per OCRM round, mean over seeds: the weights' ESS / N, and how well the RM "
+                  "ranks fresh pairs sampled from the policy being corrected (accuracy vs gold), "
+                  "before and after the refit.", "",
+                  "| OCRM round | ESS / N | policy-pair acc before | after | seeds |",
+                  "|---|---|---|---|---|"]
+        for ess, acc in zip(agg["ess_fraction"], agg["policy_pair_accuracy"]):
+            before, after = ("-" if acc[k] is None else f"{acc[k]:.3f}" for k in ("before", "after"))
+            lines.append(f"| {ess['round']} | {plus_minus(ess, '.3f')} | {before} | {after} "
+                         f"| {acc['num_seeds']} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_aggregate(agg: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+# ----------------------------------------------------------------------------------------------
+# The gates a variant of the embedded task must pass, in order (docs/experiments.md)
+# ----------------------------------------------------------------------------------------------
+def gates(run_dirs: list[Path]) -> dict:
+    """Each gate's numbers per seed and whether it passes; a gate whose arms were not run is
+    None. Gates 3 and 4 compare arms paired by seed (mean > k s.e. of the paired difference)."""
+    reports = [read_run_report(d) for d in run_dirs]
+    out = {"seeds": [r["seed"] for r in reports], "run_dirs": [str(d) for d in run_dirs]}
+    have = lambda *arms: all(a in r["arms"] for r in reports for a in arms)   # noqa: E731
 
-    def band(ax, x, mean, std_err, label):
-        line, = ax.plot(x, mean, label=label)
-        if None not in std_err:
-            ax.fill_between(x, [m - s for m, s in zip(mean, std_err)],
-                            [m + s for m, s in zip(mean, std_err)], color=line.get_color(),
-                            alpha=0.2)
+    # 1. headroom: the best of standard RLHF's stage finals above SFT by > 5 held-out s.e. (SFT's)
+    if have("standard_rlhf"):
+        rows = []
+        for r in reports:
+            best = max(r["arms"]["standard_rlhf"]["stage_finals"], key=lambda f: f["gold"])
+            sft = r["arms"]["sft"]
+            rows.append({"seed": r["seed"], "sft": sft["gold"], "best": best["gold"],
+                         "best_stage": best["stage"], "se": sft["gold_se"],
+                         "margin_se": (best["gold"] - sft["gold"]) / sft["gold_se"]})
+        out[1] = {"per_seed": rows, "passed": all(x["margin_se"] > GATE_SE[1] for x in rows)}
+        # 2. overoptimization: T = 0.7 gold falls from its peak by > 3 s.e. while the proxy rises
+        rows = []
+        for r in reports:
+            o = r["overoptimization"]["standard_rlhf"]
+            rows.append({"seed": r["seed"], "peak": o["peak_gold"], "final": o["final_gold"],
+                         "drop_se": o["gold_drop_from_peak"] / o["peak_gold_se"],
+                         "proxy_gain": o["proxy_gain_after_peak"]})
+        out[2] = {"per_seed": rows, "passed": all(x["drop_se"] > GATE_SE[2] and x["proxy_gain"] > 0
+                                                  for x in rows)}
+    for gate, arm, controls in ((3, "fresh_pairs", ("standard_rlhf",)),
+                                (4, "ocrm", ("standard_rlhf", "ppo_new_kl"))):
+        if not have(arm, *controls):
+            continue
+        diffs = {c: paired(reports, arm, c) for c in controls}
+        passed = all(d["std_err"] is not None and d["mean"] > GATE_SE[gate] * d["std_err"]
+                     for d in diffs.values())
+        out[gate] = {"differences": diffs, "passed": passed}
+        if gate == 4:                          # and OCRM ends above the SFT policy
+            above = paired(reports, arm, "sft")
+            out[gate]["minus_sft"] = above
+            out[gate]["passed"] = passed and above["mean"] > 0
+    return out
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for arm in ARMS:
-        c = agg["curves"][arm]
-        ep = [p["episodes"] for p in c]
-        gold, gold_se = [p["gold_mean"] for p in c], [p["gold_std_err"] for p in c]
-        band(axes[0], ep, gold, gold_se, LABELS[arm])
-        band(axes[1], ep, [p["proxy_mean"] for p in c], [p["proxy_std_err"] for p in c],
-             LABELS[arm])
-        # KL need not grow monotonically, so a band along it would fold over: error bars instead
-        _, _, bars = axes[2].errorbar([p["kl_to_sft_mean"] for p in c], gold,
-                                      yerr=None if None in gold_se else gold_se, fmt=".-",
-                                      elinewidth=0.8, label=LABELS[arm])
-        for bar in bars:
-            bar.set_alpha(0.4)
-    finish_figure(fig, axes, "KL to SFT (mean over seeds)",
-                  f"mean ± s.e. over {len(agg['seeds'])} seeds: held-out prompts, T = 0.7 samples",
-                  path)
+
+def gates_markdown(g: dict) -> str:
+    n, fmt = len(g["seeds"]), lambda x: f"{x:+.2f}"          # noqa: E731
+    lines = [f"# Gates over {n} seeds ({', '.join(map(str, g['seeds']))})", "",
+             "| gate | per seed | verdict |", "|---|---|---|"]
+    verdict = lambda ok: "pass" if ok else "FAIL"             # noqa: E731
+    if 1 in g:
+        per = "; ".join(f"s{x['seed']}: SFT {x['sft']:.2f} -> {x['best']:.2f} ({x['best_stage']}), "
+                        f"{x['margin_se']:+.1f} s.e." for x in g[1]["per_seed"])
+        lines.append(f"| 1 RLHF beats SFT by > 5 s.e. | {per} | {verdict(g[1]['passed'])} |")
+        per = "; ".join(f"s{x['seed']}: peak {x['peak']:.2f} -> {x['final']:.2f} "
+                        f"({x['drop_se']:.1f} s.e.), proxy {fmt(x['proxy_gain'])}"
+                        for x in g[2]["per_seed"])
+        lines.append(f"| 2 standard RLHF overoptimizes (> 3 s.e.) | {per} | "
+                     f"{verdict(g[2]['passed'])} |")
+    for gate, title in ((3, "3 fresh-pairs control beats standard RLHF (> 2 s.e.)"),
+                        (4, "4 OCRM beats standard RLHF and PPO + new KL (> 2 s.e.), and SFT")):
+        if gate not in g:
+            lines.append(f"| {title} | not run | - |")
+            continue
+        diffs = dict(g[gate]["differences"], **({"sft": g[gate]["minus_sft"]} if gate == 4 else {}))
+        per = "; ".join(f"minus {LABELS[c]} {plus_minus(d, '+.3f')} ({d['wins']} of {n}): "
+                        + ", ".join(fmt(x) for x in d["per_seed"]) for c, d in diffs.items())
+        lines.append(f"| {title} | {per} | {verdict(g[gate]['passed'])} |")
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,8 +596,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.run_dir is not None:
         run_dir = Path(args.run_dir)
-        report = build_report(run_dir, args.rounds, args.seed)
+        report = build_report(run_dir, args.rounds, args.seed, args.arms)
         write_report(run_dir, report, markdown(report), plot)
+        return
+    if args.gates is not None:
+        print(gates_markdown(gates([Path(d) for d in args.gates])))
         return
     run_dirs, out = [Path(d) for d in args.aggregate], Path(args.out)
     if any(out.resolve() == d.resolve() for d in run_dirs):

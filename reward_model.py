@@ -45,6 +45,7 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification
 
 import common as C
+import task as T
 
 PREF_COLUMNS = ("prompt", "chosen", "rejected", "gold_chosen", "gold_rejected",
                 "logp_sft_chosen", "logp_sft_rejected", "prompt_ids", "chosen_ids", "rejected_ids")
@@ -287,7 +288,7 @@ def main(argv=None):
     device = C.pick_device(args.device)
     start = time.time()
     C.load_policy(args.sft, "cpu")                                  # fail early with a clear message
-    task = C.load_task(args.sft, device)                            # data and gold, from sft.py
+    task = T.load_task(args.sft, device)                            # data and gold, from sft.py
     if not Path(args.prefs).exists():
         make_preferences(args.sft, task, args.prefs, args.num_pairs, args.label, args.seed, device,
                          args.forward_batch_size, args.pair_temperature)

@@ -18,6 +18,11 @@
 #   RM_ARGS    extra RM-fit flags, used for RM_1 and every corrected RM alike, e.g. "--epochs 1"
 #   PPO_ARGS   extra flags for every ppo.py call      e.g. "--batch_size 32"
 #   OCRM_ARGS  extra weight flags for ocrm_correct.py e.g. "--lam 0.2 --normalize 1"
+#   ARMS="standard_rlhf ppo_new_kl ocrm"   the arms to run after round 1 (any subset, in any order),
+#              plus the optional control
+#     fresh_pairs  KL to pi_{k-1}, reward RM_k fitted on FRESH_PAIRS new gold-labelled pairs
+#                  sampled from pi_{k-1}, unweighted: what the weights imitate, with new labels
+#   FRESH_PAIRS=10000
 #
 # The paper's setting on one GPU (README "Reproduce the paper on one GPU"): PRESET picks models,
 # data and budgets; the variables above still apply and their flags come after the preset's.
@@ -29,9 +34,12 @@
 #
 # Several seeds: SEEDS="1 2 3 4 5" bash run_all.sh runs the whole pipeline above once per seed,
 # in turn (SEED=s, RUN_DIR=$RUN_ROOT/toy-seed$s, or $PRESET-seed$s: SEED is ignored, RUN_DIR an
-# error), then averages the seeds' reports with report.py --aggregate into AGG_DIR. Resumes like
-# one seed does.
+# error), then averages the seeds' reports with report.py --aggregate into AGG_DIR and prints the
+# gates of docs/experiments.md (report.py --gates; also AGG_DIR/gates.md). Resumes like one seed.
 #   RUN_ROOT=runs  AGG_DIR=$RUN_ROOT/toy-aggregate (or $PRESET-aggregate)
+#   JOBS=1     seeds run side by side, JOBS at a time, each with OMP_NUM_THREADS=1 unless it is
+#              set, and its output in $RUN_ROOT/toy-seed$s.log (JOBS=2 on 2 cores is the fastest
+#              screening; the numbers depend on the thread count, not on JOBS)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -65,17 +73,45 @@ if [ -n "${SEEDS+set}" ]; then
     echo "error: SEEDS lists a seed twice: '$SEEDS'" >&2
     exit 2
   fi
+  JOBS=${JOBS:-1}
+  if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: JOBS must be a positive integer, got '$JOBS'" >&2
+    exit 2
+  fi
   RUN_ROOT=${RUN_ROOT:-runs}
   AGG_DIR=${AGG_DIR:-$RUN_ROOT/${PRESET:-toy}-aggregate}
   run_dirs=()
+  if [ "$JOBS" -gt 1 ]; then   # seeds side by side, one torch thread each (unless set otherwise)
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    mkdir -p "$RUN_ROOT"
+  fi
   for s in "${seeds[@]}"; do
     run_dir=$RUN_ROOT/${PRESET:-toy}-seed$s
     run_dirs+=("$run_dir")
-    echo "=== seed $s: $run_dir"
-    env -u SEEDS SEED="$s" RUN_DIR="$run_dir" bash "$(basename "$0")"   # this script, one seed
+    if [ "$JOBS" -eq 1 ]; then
+      echo "=== seed $s: $run_dir"
+      env -u SEEDS SEED="$s" RUN_DIR="$run_dir" bash "$(basename "$0")"   # this script, one seed
+    else
+      while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+      echo "=== seed $s: $run_dir (output in $run_dir.log)"
+      rm -f "$run_dir.failed"
+      (env -u SEEDS SEED="$s" RUN_DIR="$run_dir" bash "$(basename "$0")" > "$run_dir.log" 2>&1 \
+        || touch "$run_dir.failed") &
+    fi
+  done
+  wait
+  for run_dir in "${run_dirs[@]}"; do
+    if [ -e "$run_dir.failed" ]; then
+      rm -f "$run_dir.failed"
+      echo "error: $run_dir failed; its last lines, from $run_dir.log:" >&2
+      tail -n 5 "$run_dir.log" >&2
+      exit 2
+    fi
   done
   echo "=== aggregate of ${#seeds[@]} seeds: $AGG_DIR"
   "${PYTHON:-python}" report.py --aggregate "${run_dirs[@]}" --out "$AGG_DIR"
+  mkdir -p "$AGG_DIR"
+  "${PYTHON:-python}" report.py --gates "${run_dirs[@]}" | tee "$AGG_DIR/gates.md"
   exit 0
 fi
 
@@ -88,6 +124,20 @@ PAIRS_ARGS=${PAIRS_ARGS:-}
 RM_ARGS=${RM_ARGS:-}
 PPO_ARGS=${PPO_ARGS:-}
 OCRM_ARGS=${OCRM_ARGS:-}
+ARMS=${ARMS:-standard_rlhf ppo_new_kl ocrm}
+FRESH_PAIRS=${FRESH_PAIRS:-10000}
+read -r -a arms <<< "$ARMS"
+for arm in "${arms[@]}"; do
+  case "$arm" in
+    standard_rlhf|ppo_new_kl|ocrm|fresh_pairs) ;;
+    *) echo "error: unknown arm '$arm' in ARMS; use standard_rlhf, ppo_new_kl, ocrm, fresh_pairs" >&2
+       exit 2 ;;
+  esac
+done
+if [ ${#arms[@]} -eq 0 ] || [ "$(printf '%s\n' "${arms[@]}" | sort | uniq -d)" ]; then
+  echo "error: ARMS must list each arm at most once, and at least one: '$ARMS'" >&2
+  exit 2
+fi
 
 # Presets: the paper's hyperparameters (PAPER.md sections 3-6) scaled to one GPU. Each *_PRESET
 # list goes before the user's *_ARGS, so a flag in *_ARGS overrides the preset's.
@@ -126,7 +176,7 @@ UPDATES=${UPDATES:-100}
 SFT_ARGS="$SFT_PRESET $SFT_ARGS" PAIRS_ARGS="$PAIRS_PRESET $PAIRS_ARGS"
 RM_ARGS="$RM_PRESET $RM_ARGS" PPO_ARGS="$PPO_PRESET $PPO_ARGS" OCRM_ARGS="$OCRM_PRESET $OCRM_ARGS"
 
-for name in SEED ROUNDS UPDATES; do
+for name in SEED ROUNDS UPDATES FRESH_PAIRS; do
   value=${!name}
   if ! [[ "$value" =~ ^[0-9]+$ ]] || [ "$value" -lt 1 ]; then
     echo "error: $name must be a positive integer, got '$value'" >&2
@@ -164,24 +214,26 @@ ppo() {  # ppo OUT INIT KL_REF RM ROUND
 }
 ppo "$RUN_DIR/ppo_1" "$sft" "$sft" "$rm_1" 1
 
-# 4. rounds 2..ROUNDS of the three arms, all starting from ppo_1
-prev_std=$RUN_DIR/ppo_1 prev_kl=$RUN_DIR/ppo_1 prev_ocrm=$RUN_DIR/ppo_1 prev_rm=$rm_1
-for ((k = 2; k <= ROUNDS; k++)); do
-  ppo "$RUN_DIR/standard_rlhf/round_$k" "$prev_std" "$sft" "$rm_1" "$k"
-  prev_std=$RUN_DIR/standard_rlhf/round_$k
-
-  ppo "$RUN_DIR/ppo_new_kl/round_$k" "$prev_kl" "$prev_kl" "$rm_1" "$k"
-  prev_kl=$RUN_DIR/ppo_new_kl/round_$k
-
-  rm_k=$RUN_DIR/ocrm/rm_$k
-  # shellcheck disable=SC2086
-  run_stage "$rm_k" "$PYTHON" ocrm_correct.py --policy "$prev_ocrm" --sft "$sft" \
-    --prefs "$RUN_DIR/prefs" --weights_out "$RUN_DIR/ocrm/weights_$k" --out "$rm_k" \
-    --reward_model_before "$prev_rm" \
-    "${common[@]}" $RM_ARGS $OCRM_ARGS
-  ppo "$RUN_DIR/ocrm/round_$k" "$prev_ocrm" "$prev_ocrm" "$rm_k" "$k"
-  prev_ocrm=$RUN_DIR/ocrm/round_$k prev_rm=$rm_k
+# 4. rounds 2..ROUNDS of each arm, all starting from ppo_1
+for arm in "${arms[@]}"; do
+  prev=$RUN_DIR/ppo_1 prev_rm=$rm_1
+  for ((k = 2; k <= ROUNDS; k++)); do
+    case "$arm" in
+      standard_rlhf) ppo "$RUN_DIR/$arm/round_$k" "$prev" "$sft" "$rm_1" "$k" ;;
+      ppo_new_kl) ppo "$RUN_DIR/$arm/round_$k" "$prev" "$prev" "$rm_1" "$k" ;;
+      ocrm|fresh_pairs)
+        rm_k=$RUN_DIR/$arm/rm_$k
+        if [ "$arm" = ocrm ]; then refit=($OCRM_ARGS); else refit=(--fresh_pairs "$FRESH_PAIRS"); fi
+        # shellcheck disable=SC2086
+        run_stage "$rm_k" "$PYTHON" ocrm_correct.py --policy "$prev" --sft "$sft" \
+          --prefs "$RUN_DIR/prefs" --weights_out "$RUN_DIR/$arm/weights_$k" --out "$rm_k" \
+          --reward_model_before "$prev_rm" "${common[@]}" $RM_ARGS "${refit[@]}"
+        ppo "$RUN_DIR/$arm/round_$k" "$prev" "$prev" "$rm_k" "$k"
+        prev_rm=$rm_k ;;
+    esac
+    prev=$RUN_DIR/$arm/round_$k
+  done
 done
 
 # 5. report.json, report.md, curves.png (always rebuilt: cheap, and reflects what is on disk)
-"$PYTHON" report.py --run_dir "$RUN_DIR" --rounds "$ROUNDS" --seed "$SEED"
+"$PYTHON" report.py --run_dir "$RUN_DIR" --rounds "$ROUNDS" --seed "$SEED" --arms "${arms[@]}"

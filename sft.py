@@ -33,6 +33,43 @@ from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import common as C
+import task as T
+
+
+def size_range(text: str) -> list[int]:
+    """`2-8` -> [2, 8]; `5` -> [5, 5]."""
+    try:
+        lo, _, hi = text.partition("-")
+        return [int(lo), int(hi or lo)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN-MAX, e.g. 2-8, got {text!r}") from None
+
+
+def length_weights(text: str):
+    """`uniform`, or comma-separated weights of 1, 2, ... items."""
+    if text == "uniform":
+        return text
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'uniform' or weights like 0.6,0.3,0.1, got "
+                                         f"{text!r}") from None
+
+
+def item_values(text: str) -> list[float]:
+    """`equal`, `signed`, or one number per colour."""
+    if text in ("equal", "signed"):
+        return [1.0] * len(T.ITEMS) if text == "equal" else list(T.SIGNED_VALUES)
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected equal, signed or {len(T.ITEMS)} numbers, got "
+                                         f"{text!r}") from None
+
+
+TOY_KNOBS = ("prompt_sizes", "reference_lengths", "reference_mistake_rate", "item_values",
+             "mistake_penalty")
+TINY_GPT2 = {"n_layer": 2, "n_embd": 64, "n_head": 4}
 
 
 def parse_args(argv=None):
@@ -52,11 +89,28 @@ def parse_args(argv=None):
     p.add_argument("--gradient_checkpointing", type=int, default=0,
                    help="1: recompute activations in the backward pass (less memory, ~30%% slower)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate, linear decay to 0")
-    p.add_argument("--n_layer", type=int, default=2, help="transformer layers of the tiny GPT-2")
-    p.add_argument("--n_embd", type=int, default=64, help="width of the tiny GPT-2")
-    p.add_argument("--n_head", type=int, default=4, help="attention heads of the tiny GPT-2")
-    g = p.add_argument_group("the paper's setting: used with --model and --dataset (the embedded task "
-                             "ignores them)")
+    t = p.add_argument_group("the embedded task (task.py): a named member, and its knobs (unset: "
+                             "the member's value); an error with --dataset")
+    t.add_argument("--task", default=None, choices=sorted(T.TOY_TASKS),
+                   help=f"the member of the task family (default {T.DEFAULT_TOY_TASK})")
+    t.add_argument("--prompt_sizes", type=size_range, default=None,
+                   help="items per prompt, MIN-MAX (each size equally likely), e.g. 2-8")
+    t.add_argument("--reference_lengths", type=length_weights, default=None,
+                   help="items per reference answer: 'uniform' (1..n) or weights of 1, 2, ... "
+                        "items, e.g. 0.6,0.2,0.1,0.1")
+    t.add_argument("--reference_mistake_rate", type=float, default=None,
+                   help="chance that a reference item is replaced by a random colour")
+    t.add_argument("--item_values", type=item_values, default=None,
+                   help="gold value of each colour: 'equal' (all 1), 'signed' (8 liked, 8 "
+                        f"disliked) or {len(T.ITEMS)} comma-separated numbers in the order "
+                        f"{','.join(T.ITEMS)}")
+    t.add_argument("--mistake_penalty", type=float, default=None,
+                   help="gold lost per mistake (a repeat, an off-prompt colour, a stray `and`)")
+    t.add_argument("--n_layer", type=int, default=None, help="transformer layers of the tiny GPT-2 (2)")
+    t.add_argument("--n_embd", type=int, default=None, help="width of the tiny GPT-2 (64)")
+    t.add_argument("--n_head", type=int, default=None, help="attention heads of the tiny GPT-2 (4)")
+    g = p.add_argument_group("the paper's setting: used with --model and --dataset (an error with "
+                             "the embedded task)")
     g.add_argument("--model", default=None,
                    help="causal LM name or path to fine-tune instead of the tiny GPT-2, "
                         "e.g. EleutherAI/pythia-1b-deduped")
@@ -79,6 +133,15 @@ def parse_args(argv=None):
     if (args.dataset is None) != (args.model is None):
         raise C.StageError("--model and --dataset go together: the embedded task has its own "
                            "tokenizer and tiny model, a dataset needs a pretrained model's tokenizer")
+    if args.dataset is not None:
+        given = [f"--{k}" for k in ("task",) + TOY_KNOBS + tuple(TINY_GPT2)
+                 if getattr(args, k) is not None]
+        if given:
+            raise C.StageError(f"{', '.join(given)} shape the embedded task and its tiny GPT-2; "
+                               f"they do nothing with --dataset / --model")
+    else:
+        for k, v in TINY_GPT2.items():
+            setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     if args.num_examples is None:
         args.num_examples = 20000 if args.dataset is None else 0
     if min(args.epochs, args.batch_size, args.max_prompt_len, args.response_len) <= 0:
@@ -92,8 +155,9 @@ def parse_args(argv=None):
 
 def make_task(args):
     if args.dataset is None:
-        return C.ToyTask()
-    return C.TextTask({"kind": "text", "dataset": args.dataset, "prompt_field": args.prompt_field,
+        return T.ToyTask(T.toy_spec(args.task or T.DEFAULT_TOY_TASK,
+                                    **{k: getattr(args, k) for k in TOY_KNOBS}))
+    return T.TextTask({"kind": "text", "dataset": args.dataset, "prompt_field": args.prompt_field,
                        "response_field": args.response_field,
                        "max_prompt_len": args.max_prompt_len, "response_len": args.response_len,
                        "gold_model": args.gold_model, "gold_batch_size": args.gold_batch_size,
@@ -126,7 +190,7 @@ def main(argv=None):
     if len(prompts) < args.batch_size:
         raise C.StageError(f"{len(prompts)} examples are fewer than --batch_size ({args.batch_size})")
     if args.model is None:
-        tokenizer = C.build_tokenizer()
+        tokenizer = T.build_tokenizer()
         model = build_model(tokenizer, args)
     else:
         model, tokenizer = C.load_pretrained_policy(args.model, bool(args.gradient_checkpointing))
@@ -174,7 +238,7 @@ def main(argv=None):
     with C.atomic_output(args.out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        C.save_task(task, tmp)
+        T.save_task(task, tmp)
         C.write_json(tmp / "sft_info.json", {"args": vars(args), "final_loss": loss.item(),
                                              "seconds": time.time() - start})
     print(f"sft: final loss {loss.item():.3f}, saved {args.out} ({time.time() - start:.0f}s)")

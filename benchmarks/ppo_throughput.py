@@ -77,6 +77,7 @@ from transformers import GPT2ForSequenceClassification  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common as C  # noqa: E402
+import task as T  # noqa: E402
 import ppo  # noqa: E402
 import reward_model as RM  # noqa: E402
 import sft  # noqa: E402
@@ -248,7 +249,7 @@ def our_ppo(models, tokenizer, prompts, updates, seed):
 
     Returns step(update) -> seconds, the list the per-update log rows go to, and the optimizer.
     The differences from ppo.py's main loop: prompts are given, not drawn from the task;
-    R = RESPONSE_LEN instead of C.RESPONSE_LEN (set on the task); no held-out evaluation every --eval_every
+    R = RESPONSE_LEN instead of T.RESPONSE_LEN (set on the task); no held-out evaluation every --eval_every
     updates (ppo.py's own episodes/s leaves it out too); no progress bar.
     """
     args = ppo.parse_args([   # ppo.py's own flags, so a renamed or retyped flag fails loudly here
@@ -267,7 +268,7 @@ def our_ppo(models, tokenizer, prompts, updates, seed):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0 - u / args.updates)
     B = args.batch_size
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    task = C.ToyTask()               # the embedded task's gold reward, with the benchmark's length
+    task = T.ToyTask()               # the embedded task's gold reward, with the benchmark's length
     task.response_len = RESPONSE_LEN
     metrics = []
 

@@ -22,6 +22,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import common as C  # noqa: E402
+import task as T  # noqa: E402
 
 torch.set_num_threads(1)          # the tests are tiny; leave the other cores alone
 
@@ -39,14 +40,14 @@ def tiny_config(tokenizer, **overrides) -> GPT2Config:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    return C.build_tokenizer()
+    return T.build_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def ids(tokenizer):
     """pad, eos and the ids of the ordinary words (`list` + the 16 items)."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    words = [tokenizer.convert_tokens_to_ids(w) for w in (C.LIST,) + C.ITEMS]
+    words = [tokenizer.convert_tokens_to_ids(w) for w in (T.LIST,) + T.ITEMS]
     assert pad != eos and pad not in words and eos not in words
     return pad, eos, words
 

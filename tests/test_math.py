@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import common as C
+import task as T
 import ocrm_correct as OC
 import ppo
 import reward_model as RM
@@ -371,6 +372,34 @@ def test_reward_ignores_tokens_after_the_eos(reward_model, ids, layout_batch):
     np.testing.assert_allclose(after.numpy(), before.numpy(), rtol=0, atol=1e-6)
 
 
+def test_critic_is_the_centred_reward_model_at_every_state(reward_model, ids, layout_batch):
+    """PPO's value model is a copy of the RM, read at every state: V(state before response token
+    t) is the RM's centred score of prompt + response[:t] alone (one unpadded forward of that
+    prefix, the head at its last token, minus the bias). So at the state right after the EOS it is exactly the
+    reward of the response, and at the start of a stage the critic is not off by reward_bias."""
+    pad, eos, _ = ids
+    prompts, responses, query, response = layout_batch
+    reward_model.config.reward_bias = 2.5                  # large: a missing subtraction shows
+    with torch.no_grad():
+        values = ppo.token_values(reward_model, query, response, pad, eos)          # (B, R)
+        reward = C.reward_scores(reward_model, query, response, pad, eos)
+    R = response.shape[1]
+    checked_eos_states = 0
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        real = real_tokens(r, eos)
+        for t in range(min(len(real) + 1, R)):            # prefixes up to the one ending in EOS
+            prefix = torch.tensor([list(p) + real[:t]])
+            with torch.no_grad():    # no padding; the head on the last token's hidden state
+                # (not the library's pooling, which skips a pad id sampled inside a response)
+                hidden = reward_model.transformer(input_ids=prefix).last_hidden_state
+                expected = reward_model.score(hidden[0, -1]).item() - 2.5
+            assert values[b, t].item() == pytest.approx(expected, abs=1e-5), (b, t)
+            if t == len(real) and real[-1] == eos:         # the state after the EOS
+                assert values[b, t].item() == pytest.approx(reward[b].item(), abs=1e-5)
+                checked_eos_states += 1
+    assert checked_eos_states >= 2
+
+
 def brute_force_pair_scores(reward_model, prompts, chosen, rejected, eos):
     """Each (prompt, response) alone, unpadded, one forward each; score at its last token."""
     out = []
@@ -458,12 +487,12 @@ def test_kl_penalty_is_zero_when_policy_is_its_own_reference(policy, ids):
     pad, eos, words = ids
     rng = random.Random(1)
     query = left_pad([[words[0]] + rng.sample(words[1:], k) for k in (4, 1, 2, 4, 3, 0, 4, 2)], pad)
-    T = 0.7
-    response, logp = C.sample(policy, query, pad, eos, C.RESPONSE_LEN, T,
+    temperature = 0.7
+    response, logp = C.sample(policy, query, pad, eos, T.RESPONSE_LEN, temperature,
                               torch.Generator().manual_seed(5))
     mask = C.response_mask(response, eos).float()
     with torch.no_grad():
-        logp_ref = C.gather_logprobs(C.response_logits(policy, query, response, pad, eos, T),
+        logp_ref = C.gather_logprobs(C.response_logits(policy, query, response, pad, eos, temperature),
                                      response) * mask
     score = torch.linspace(-2, 2, len(query))
     rewards = ppo.token_rewards(logp, logp_ref, score, mask, beta=0.05)
@@ -504,6 +533,35 @@ def test_ppo_clipped_surrogate_and_value_loss_match_hand_computation():
     assert approx_kl.item() == pytest.approx(kl, abs=1e-9)
 
 
+def test_critic_warmup_moves_the_value_model_and_nothing_else(policy, reward_model, tokenizer):
+    """A warm-up update (train_policy=False) fits the value model on the rollout's returns; the
+    policy's weights and the lr schedule stay exactly as they were."""
+    policy = copy.deepcopy(policy)                         # the session fixture stays untouched
+    value_model = copy.deepcopy(reward_model)
+    reward_model.config.reward_bias = value_model.config.reward_bias = 0.4
+    reward_model.requires_grad_(False)
+    args = ppo.parse_args(["--init", "-", "--kl_ref", "-", "--sft", "-", "--reward_model", "-",
+                           "--out", "-", "--batch_size", "8", "--updates", "5", "--lr", "1e-3"])
+    opt = torch.optim.AdamW(list(policy.parameters()) + list(value_model.parameters()), lr=args.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0 - u / args.updates)
+    policy_before = [p.detach().clone() for p in policy.parameters()]
+    value_before = [p.detach().clone() for p in value_model.parameters()]
+    task = T.ToyTask()
+    prompts = task.ppo_prompts(8, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    row = ppo.ppo_update(1, prompts, policy, value_model, policy, None, reward_model, tokenizer,
+                         opt, sched, gen, args, task, train_policy=False)
+    assert all(torch.equal(a, b) for a, b in zip(policy_before, policy.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(value_before, value_model.parameters()))
+    assert sched.last_epoch == 0 and row["lr"] == pytest.approx(1e-3)
+    assert row["value_loss"] > 0 and row["policy_loss"] is None and row["entropy"] is None
+    # an ordinary update moves the policy and advances the schedule
+    ppo.ppo_update(2, prompts, policy, value_model, policy, None, reward_model, tokenizer,
+                   opt, sched, gen, args, task)
+    assert any(not torch.equal(a, b) for a, b in zip(policy_before, policy.parameters()))
+    assert sched.last_epoch == 1
+
+
 # ----------------------------------------------------------------------------------------------
 # 11. Whitening
 # ----------------------------------------------------------------------------------------------
@@ -535,7 +593,7 @@ def sample_query(ids):
 
 def test_sampling_is_deterministic_given_the_generator(policy, ids, sample_query):
     pad, eos, _ = ids
-    draw = lambda seed: C.sample(policy, sample_query, pad, eos, C.RESPONSE_LEN, 0.7,   # noqa: E731
+    draw = lambda seed: C.sample(policy, sample_query, pad, eos, T.RESPONSE_LEN, 0.7,   # noqa: E731
                                  torch.Generator().manual_seed(seed))
     (r1, l1), (r2, l2), (r3, _) = draw(11), draw(11), draw(12)
     assert torch.equal(r1, r2) and torch.equal(l1, l2)
@@ -544,7 +602,7 @@ def test_sampling_is_deterministic_given_the_generator(policy, ids, sample_query
 
 def test_sampled_responses_are_padded_after_the_first_eos(policy, ids, sample_query):
     pad, eos, _ = ids
-    response, _ = C.sample(policy, sample_query, pad, eos, C.RESPONSE_LEN, 1.0,
+    response, _ = C.sample(policy, sample_query, pad, eos, T.RESPONSE_LEN, 1.0,
                            torch.Generator().manual_seed(3))
     ended_early = 0
     for row in response.tolist():
@@ -558,7 +616,7 @@ def test_sampled_responses_are_padded_after_the_first_eos(policy, ids, sample_qu
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampled_logprobs_equal_a_full_forward(policy, ids, sample_query, temperature):
     pad, eos, _ = ids
-    response, logp = C.sample(policy, sample_query, pad, eos, C.RESPONSE_LEN, temperature,
+    response, logp = C.sample(policy, sample_query, pad, eos, T.RESPONSE_LEN, temperature,
                               torch.Generator().manual_seed(4))
     mask = C.response_mask(response, eos)
     assert (~mask).any(), "no padded response: the test would not check the zeros on pads"
@@ -586,10 +644,10 @@ def brute_force_policy_pair_accuracy(rms, policy, tokenizer, num_prompts, seed, 
     read at that EOS (minus the RM's reward_bias), or -1 for a response that never ends.
     """
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    prompts = C.eval_prompts(num_prompts)
+    prompts = T.ToyTask().eval_examples(num_prompts)[0]
     query = C.encode_prompts(tokenizer, prompts)
     generator = torch.Generator().manual_seed(seed)
-    pair = [sum((C.sample(policy, q, pad, eos, C.RESPONSE_LEN, 1.0, generator)[0].tolist()
+    pair = [sum((C.sample(policy, q, pad, eos, T.RESPONSE_LEN, 1.0, generator)[0].tolist()
                  for q in query.split(batch_size)), []) for _ in range(2)]
     agree = {name: 0 for name in rms}
     untied = 0
@@ -600,7 +658,7 @@ def brute_force_policy_pair_accuracy(rms, policy, tokenizer, num_prompts, seed, 
             tokens = real_tokens(response, eos)
             ended = tokens[-1] == eos
             words = tokenizer.convert_ids_to_tokens([t for t in tokens if t != eos])
-            gold.append(C.gold_reward(prompt, " ".join(words), ended))
+            gold.append(T.ToyTask().gold_reward(prompt, " ".join(words), ended))
             for name, rm in rms.items():
                 if not ended:
                     score[name].append(-1.0)
@@ -624,7 +682,7 @@ def test_policy_pair_accuracy_matches_a_per_prompt_loop(policy, tokenizer, rewar
     shifted = copy.deepcopy(reward_model)
     shifted.config.reward_bias = 2.0
     rms = {"before": reward_model, "after": shifted}
-    got = OC.policy_pair_accuracy(rms, policy, tokenizer, C.ToyTask(), num_prompts=64, seed=5,
+    got = OC.policy_pair_accuracy(rms, policy, tokenizer, T.ToyTask(), num_prompts=64, seed=5,
                                   device=torch.device("cpu"), batch_size=24)   # uneven chunks
     expected = brute_force_policy_pair_accuracy(rms, policy, tokenizer, num_prompts=64, seed=5,
                                                 batch_size=24)
@@ -643,7 +701,7 @@ def test_pairs_at_another_temperature_store_the_density_they_were_drawn_from(pol
     (what OCRM's weights must divide by), recomputed one token at a time; and the sampler really
     ran at 1.5: the same generator at T = 1.0 draws other responses."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    task, n = C.ToyTask(), 16
+    task, n = T.ToyTask(), 16
     hot = RM.sample_preferences(policy, tokenizer, task, n, "argmax", 5, "cpu", temperature=1.5)
     cold = RM.sample_preferences(policy, tokenizer, task, n, "argmax", 5, "cpu")
     gaps = []

@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common as C
+import task as T
 from conftest import BackgroundRun
 from test_math import brute_force_logprobs, brute_force_policy_pair_accuracy
 
@@ -256,7 +257,7 @@ def test_fresh_pairs_control_fits_on_new_labelled_samples_of_the_policy(run, tmp
     assert (settings["seed"], settings["label"]) == (3, "argmax")     # what the pairs depend on
     rm_info = json.loads((out / "rm_info.json").read_text())
     assert rm_info["num_pairs"] == 48 and not rm_info["weighted"]
-    assert data["prompt"] == C.ToyTask().pair_prompts(48, seed=3)
+    assert data["prompt"] == T.load_task(run.dir / "sft").pair_prompts(48, seed=3)
     stored = datasets.load_from_disk(str(run.dir / "prefs"))
     assert data["chosen_ids"] != stored["chosen_ids"][:48]            # new samples, not the old
     policy, tokenizer = C.load_policy(run.dir / "ppo_1", "cpu")
@@ -269,7 +270,7 @@ def test_fresh_pairs_control_fits_on_new_labelled_samples_of_the_policy(run, tmp
             assert row[f"logp_policy_{side}"] == pytest.approx(expected, abs=1e-4)
             assert row[f"logp_sft_{side}"] == row[f"logp_policy_{side}"]
             text, ended = C.decode_responses(tokenizer, torch.tensor([row[f"{side}_ids"]]), eos)
-            assert row[f"gold_{side}"] == C.gold_reward(row["prompt"], text[0], ended[0])
+            assert row[f"gold_{side}"] == T.load_task(run.dir / "sft").gold_reward(row["prompt"], text[0], ended[0])
         assert row["gold_chosen"] >= row["gold_rejected"]
 
 
@@ -280,17 +281,28 @@ def test_report_has_every_arm_curve_weight_and_timing(run):
     # each round adds UPDATES evaluation points, one per update (--eval_every 1)
     rounds_curve = [u * BATCH_SIZE for u in range(UPDATES * ROUNDS + 1)]
     for arm, r in report["arms"].items():
-        for key in ("gold", "proxy", "kl_to_sft", "win_rate_vs_sft"):
+        for key in ("gold", "gold_se", "proxy", "kl_to_sft", "win_rate_vs_sft",
+                    "win_rate_vs_reference"):
             assert math.isfinite(r[key]), (arm, key)
-        assert 0.0 <= r["win_rate_vs_sft"] <= 1.0
+        assert 0.0 <= r["win_rate_vs_sft"] <= 1.0 and 0.0 <= r["win_rate_vs_reference"] <= 1.0
         episodes = [p["episodes"] for p in r["curve"]]
-        assert all(set(p) == {"episodes", "kl_to_sft", "proxy", "gold"} for p in r["curve"])
+        assert all(set(p) == {"episodes", "kl_to_sft", "proxy", "gold", "gold_se"}
+                   for p in r["curve"])
         assert all(a < b for a, b in zip(episodes, episodes[1:])), (arm, episodes)
         assert episodes == ([0] if arm == "sft" else rounds_curve), arm
         if arm != "sft":   # the final numbers are those of the arm's last round
             final = json.loads((run.dir / arm / f"round_{ROUNDS}" / "final.json").read_text())
-            assert (r["gold"], r["proxy"], r["win_rate_vs_sft"]) == \
-                (final["gold"], final["proxy"], final["win_rate_vs_sft"])
+            keys = ("gold", "proxy", "win_rate_vs_sft", "win_rate_vs_reference")
+            assert [r[k] for k in keys] == [final[k] for k in keys]
+            # each round's final gold, round 1 being the shared ppo_1
+            stages = [run.dir / "ppo_1"] + [run.dir / arm / f"round_{k}"
+                                             for k in range(2, ROUNDS + 1)]
+            assert [f["gold"] for f in r["stage_finals"]] == \
+                [json.loads((d / "final.json").read_text())["gold"] for d in stages]
+        else:   # the SFT policy's numbers, evaluated in ppo_1 on the same prompts
+            first = json.loads((run.dir / "ppo_1" / "final.json").read_text())["sft"]
+            assert (r["gold"], r["win_rate_vs_reference"]) == \
+                (first["gold"], first["win_rate_vs_reference"])
 
     assert [w["round"] for w in report["weights"]] == list(range(2, ROUNDS + 1))
     for w in report["weights"]:
@@ -324,8 +336,8 @@ def test_final_gold_is_kept_per_prompt_and_gives_the_held_out_noise(run):
         assert math.isfinite(final["sft"]["gold_se"])
         checked = 0
         for i, sample in enumerate(final["samples"]):   # the first 8 prompts, with their texts
-            if gold[i] != C.NO_EOS_GOLD:
-                assert gold[i] == C.gold_reward(sample["prompt"], sample["response"]), (d, i)
+            if gold[i] != T.NO_EOS_GOLD:
+                assert gold[i] == T.load_task(run.dir / "sft").gold_reward(sample["prompt"], sample["response"]), (d, i)
                 checked += 1
         assert checked > 0, f"{d}: no sample ended, so the order of gold_per_prompt went unchecked"
         per_prompt[d.split("/")[0]] = gold

@@ -26,7 +26,8 @@ import report as R
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALL_ARMS = ("sft", "standard_rlhf", "ppo_new_kl", "ocrm")
-ROUNDS, EPISODES = 3, [0, 64, 128, 192, 256]   # two evaluation points per round after the start
+ROUNDS, EPISODES = 3, [0, 64, 128, 192, 256]
+ARMS_FLAG = "standard_rlhf ppo_new_kl ocrm"           # run_all.sh's default ARMS   # two evaluation points per round after the start
 
 # Final near-greedy gold of each arm on each seed: OCRM beats standard RLHF on seeds 1 and 3 and
 # PPO + new KL on all three.
@@ -43,13 +44,17 @@ def synthetic_run_report(seed: int, rounds: int = ROUNDS, episodes=EPISODES) -> 
         points = episodes[:1] if arm == "sft" else episodes
         curve = [{"episodes": e, "kl_to_sft": 0.01 * e * (i + 1) / seed,
                   "proxy": 0.3 + 0.004 * e * seed + 0.1 * i,
-                  "gold": 3.0 + 0.002 * e * i - 0.1 * seed} for e in points]
+                  "gold": 3.0 + 0.002 * e * i - 0.1 * seed, "gold_se": 0.04} for e in points]
         arms[arm] = {"gold": FINAL_GOLD.get(seed, FINAL_GOLD[1])[arm],
                      "gold_se": 0.05 + 0.01 * i + 0.001 * seed,
                      "proxy": 1.0 + 0.2 * i + 0.05 * seed,
                      "kl_to_sft": 0.0 if arm == "sft" else 2.0 * i + seed,
                      "win_rate_vs_sft": 0.5 if arm == "sft" else 0.3 + 0.05 * i + 0.02 * seed,
+                     "win_rate_vs_reference": 0.2 + 0.1 * i + 0.01 * seed,
                      "curve": curve}
+        if arm != "sft":
+            arms[arm]["stage_finals"] = [{"stage": f"round_{k}", "gold": 3.0 + 0.1 * k,
+                                          "gold_se": 0.05} for k in range(1, rounds + 1)]
     weights = []
     for k in range(2, rounds + 1):
         # seed 3's round 2 was made without --reward_model_before: no policy-pair accuracy
@@ -57,9 +62,11 @@ def synthetic_run_report(seed: int, rounds: int = ROUNDS, episodes=EPISODES) -> 
             {"num_untied_pairs": 600, "before": 0.70 + 0.01 * seed, "after": 0.72 + 0.01 * k}
         weights.append({"round": k, "ess_fraction": 0.9 - 0.1 * k + 0.01 * seed, "min": 0.1,
                         "mean": 0.6, "max": 1.5, "alpha": 0.1, "lam": 0.3, "normalize": False,
-                        "clip": 0.0, "rm_heldout_accuracy": 0.75, "policy_pair_accuracy": accuracy})
+                        "clip": 0.0, "fresh_pairs": 0, "rm_heldout_accuracy": 0.75,
+                        "policy_pair_accuracy": accuracy})
     overopt = R.overoptimization(arms["standard_rlhf"]["curve"])
-    return {"seed": seed, "rounds": rounds, "arms": arms, "weights": weights,
+    return {"seed": seed, "rounds": rounds, "arms": arms, "episodes_per_round": 64,
+            "weights": weights,
             "held_out_noise": {"ocrm_minus_standard_rlhf": 0.06 + 0.002 * seed,
                                "ocrm_minus_ppo_new_kl": 0.07 + 0.003 * seed},
             "rm_1_heldout_accuracy": 0.76, "overoptimization": {"standard_rlhf": overopt},
@@ -112,25 +119,12 @@ def test_held_out_noise_is_averaged_over_seeds_and_stated_next_to_the_difference
     # 0.052 (sft) to 0.082 (ocrm)
     assert ("Held-out set noise in one seed's numbers, mean over seeds (s.e. over the held-out "
             "prompts): each arm's final gold ± 0.052 to 0.082; on the same prompts, OCRM minus "
-            "standard RLHF ± 0.064, minus PPO + new KL ± 0.076.") in text
+            "standard RLHF ± 0.064; OCRM minus PPO + new KL ± 0.076.") in text
     # one run's report.md says the same of its own numbers: seed 2, 0.052 to 0.082, 0.064, 0.076
     one = R.markdown(synthetic_run_report(2))
     assert ("Held-out set noise (s.e. over the held-out prompts): each arm's final gold ± 0.052 "
-            "to 0.082; on the same prompts, OCRM minus standard RLHF ± 0.064, minus PPO + new KL "
-            "± 0.076.") in one
-    # runs made before final.json kept the per-prompt gold: no noise, and no sentence about it
-    old = []
-    for seed in SEEDS:
-        report = synthetic_run_report(seed)
-        del report["held_out_noise"]
-        for arm in report["arms"].values():
-            del arm["gold_se"]
-        old.append(write_run(tmp_path / "old", report))
-    agg = R.aggregate_report(old)
-    assert agg["held_out_noise"] is None
-    assert set(agg["held_out_gold_se"].values()) == {None}
-    assert "noise" not in R.aggregate_markdown(agg)
-    assert "noise" not in R.markdown(R.read_run_report(old[0]))
+            "to 0.082; on the same prompts, OCRM minus standard RLHF ± 0.064; OCRM minus PPO + "
+            "new KL ± 0.076.") in one
 
 
 def test_each_arm_is_mean_and_standard_error_over_seeds(run_dirs):
@@ -138,7 +132,7 @@ def test_each_arm_is_mean_and_standard_error_over_seeds(run_dirs):
     assert agg["seeds"] == SEEDS and agg["rounds"] == ROUNDS
     reports = [synthetic_run_report(s) for s in SEEDS]
     for arm in ALL_ARMS:
-        for key in ("gold", "proxy", "kl_to_sft", "win_rate_vs_sft"):
+        for key in ("gold", "proxy", "kl_to_sft", "win_rate_vs_sft", "win_rate_vs_reference"):
             values = [r["arms"][arm][key] for r in reports]
             mean, std_err = mean_and_std_err(values)
             got = agg["arms"][arm][key]
@@ -221,8 +215,8 @@ def test_cli_writes_report_json_md_and_png_and_leaves_the_runs_alone(run_dirs, t
     assert text.startswith("# OCRM over 3 seeds (1, 2, 3), 3 rounds")
     assert "| OCRM | 4.083 ± 0.101 |" in text               # mean 4.0833, s.e. 0.1014
     assert "| 2 | 3.100 | 4.400 | 3.200 | 3.900 |" in text  # seed 2's finals
-    assert "| standard RLHF | +0.050 ± 0.278 | 2 of 3 seeds |" in text
-    assert "| PPO + new KL | +0.650 ± 0.076 | 3 of 3 seeds |" in text
+    assert "| OCRM | standard RLHF | +0.050 ± 0.278 | 2 of 3 seeds |" in text
+    assert "| OCRM | PPO + new KL | +0.650 ± 0.076 | 3 of 3 seeds |" in text
     assert "| 2 | 0.720 ± 0.006 | 0.715 | 0.740 | 2 |" in text
     assert {d: (d / "report.json").read_bytes() for d in run_dirs} == before
 
@@ -289,6 +283,7 @@ def run_all(tmp_path: Path, **env) -> subprocess.CompletedProcess:
     fake_python = tmp_path / "fake_python"
     fake_python.write_text('#!/bin/sh\n'
                            'echo "$*" >> "$CALLS"\n'
+                           'echo "${OMP_NUM_THREADS-unset}" >> "$CALLS.threads"\n'
                            'case "$*" in *"$FAIL_ON"*) echo "error: stand-in fails" >&2; exit 2;; '
                            'esac\n')
     fake_python.chmod(0o755)
@@ -331,14 +326,17 @@ def test_seeds_run_the_pipeline_once_per_seed_in_turn_then_aggregate(tmp_path):
     log = calls(tmp_path)
     assert log[0].startswith("sft.py") and "--seed 3" in log[0]
     assert [c for c in log if c.startswith("report.py")] == [
-        f"report.py --run_dir {root}/toy-seed3 --rounds 2 --seed 3",
-        f"report.py --run_dir {root}/toy-seed1 --rounds 2 --seed 1",
-        f"report.py --aggregate {root}/toy-seed3 {root}/toy-seed1 --out {root}/toy-aggregate"]
+        f"report.py --run_dir {root}/toy-seed3 --rounds 2 --seed 3 --arms {ARMS_FLAG}",
+        f"report.py --run_dir {root}/toy-seed1 --rounds 2 --seed 1 --arms {ARMS_FLAG}",
+        f"report.py --aggregate {root}/toy-seed3 {root}/toy-seed1 --out {root}/toy-aggregate",
+        f"report.py --gates {root}/toy-seed3 {root}/toy-seed1"]
 
     proc = run_all(tmp_path, SEEDS="1", AGG_DIR=str(tmp_path / "elsewhere"))
     assert proc.returncode == 0, proc.stderr
-    assert calls(tmp_path)[-1] == \
-        f"report.py --aggregate {root}/toy-seed1 --out {tmp_path}/elsewhere"
+    assert calls(tmp_path)[-2:] == [
+        f"report.py --aggregate {root}/toy-seed1 --out {tmp_path}/elsewhere",
+        f"report.py --gates {root}/toy-seed1"]
+    assert (tmp_path / "elsewhere" / "gates.md").is_file()
 
 
 def test_a_failing_seed_stops_before_the_next_seed_and_the_aggregate(tmp_path):
@@ -348,3 +346,116 @@ def test_a_failing_seed_stops_before_the_next_seed_and_the_aggregate(tmp_path):
     log = calls(tmp_path)
     assert "toy-seed2/rm_1" in log[-1]
     assert not any("toy-seed3" in c or "--aggregate" in c for c in log)
+
+
+# ----------------------------------------------------------------------------------------------
+# The gates of docs/experiments.md
+# ----------------------------------------------------------------------------------------------
+def gate_run(root: Path, seed: int, standard_finals, overopt, gold: dict) -> Path:
+    """A report.json with the fresh-pairs arm, and the numbers the gates read set by hand."""
+    report = synthetic_run_report(seed)
+    report["arms"]["fresh_pairs"] = dict(report["arms"]["ocrm"])
+    report["arms"]["sft"].update(gold=1.0, gold_se=0.1)
+    report["arms"]["standard_rlhf"]["stage_finals"] = [
+        {"stage": f"round_{k + 1}", "gold": g, "gold_se": 0.1} for k, g in enumerate(standard_finals)]
+    report["overoptimization"]["standard_rlhf"] = overopt
+    for arm, g in gold.items():
+        report["arms"][arm]["gold"] = g
+    return write_run(root, report)
+
+
+def test_gates_follow_their_definitions(tmp_path, capsys):
+    peak = {"peak_gold": 2.0, "final_gold": 1.5, "peak_gold_se": 0.1, "peak_episodes": 64,
+            "proxy_at_peak": 1.0, "final_proxy": 1.3, "gold_drop_from_peak": 0.5,
+            "proxy_gain_after_peak": 0.3}
+    flat = {**peak, "final_gold": 1.8, "gold_drop_from_peak": 0.2}          # 2 s.e.: too little
+    # fresh pairs minus standard: 0.5, 0.7, 0.6; OCRM minus standard 0.2, -0.1, 0.3;
+    # OCRM minus PPO + new KL 1.0, 1.1, 0.9; OCRM minus SFT (1.0) 0.7, 0.5, 0.9
+    golds = {1: {"standard_rlhf": 1.5, "fresh_pairs": 2.0, "ocrm": 1.7, "ppo_new_kl": 0.7},
+             2: {"standard_rlhf": 1.6, "fresh_pairs": 2.3, "ocrm": 1.5, "ppo_new_kl": 0.4},
+             3: {"standard_rlhf": 1.6, "fresh_pairs": 2.2, "ocrm": 1.9, "ppo_new_kl": 1.0}}
+    dirs = [gate_run(tmp_path / "a", 1, [1.8, 1.4, 1.2], peak, golds[1]),     # +8 s.e.
+            gate_run(tmp_path / "a", 2, [1.2, 1.6, 1.1], peak, golds[2]),     # +6 s.e., round 2
+            gate_run(tmp_path / "a", 3, [1.3, 1.2, 1.55], flat, golds[3])]    # +5.5 s.e.
+    g = R.gates(dirs)
+    assert [(x["best"], x["best_stage"]) for x in g[1]["per_seed"]] == \
+        [(1.8, "round_1"), (1.6, "round_2"), (1.55, "round_3")]
+    assert [x["margin_se"] for x in g[1]["per_seed"]] == pytest.approx([8.0, 6.0, 5.5])
+    assert g[1]["passed"]
+    assert [x["drop_se"] for x in g[2]["per_seed"]] == pytest.approx([5.0, 5.0, 2.0])
+    assert not g[2]["passed"]                                  # seed 3 falls by 2 s.e. only
+    d3 = g[3]["differences"]["standard_rlhf"]
+    assert d3["per_seed"] == pytest.approx([0.5, 0.7, 0.6])
+    assert d3["std_err"] == pytest.approx(np.std([0.5, 0.7, 0.6], ddof=1) / math.sqrt(3))
+    assert g[3]["passed"]                                      # 0.6 > 2 x 0.058
+    d4 = g[4]["differences"]
+    assert d4["standard_rlhf"]["mean"] == pytest.approx(0.4 / 3)
+    assert d4["standard_rlhf"]["std_err"] == pytest.approx(
+        np.std([0.2, -0.1, 0.3], ddof=1) / math.sqrt(3))       # 0.120: 1.1 s.e.
+    assert d4["ppo_new_kl"]["mean"] == pytest.approx(1.0)
+    assert g[4]["minus_sft"]["per_seed"] == pytest.approx([0.7, 0.5, 0.9])
+    assert not g[4]["passed"]                                  # not 2 s.e. above standard RLHF
+    # a seed 0.1 short of 5 s.e. fails gate 1
+    short = gate_run(tmp_path / "b", 3, [1.3, 1.2, 1.49], peak, golds[3])
+    assert not R.gates(dirs[:2] + [short])[1]["passed"]
+    # the command prints one table; gates whose arms were not run say so
+    for r in dirs:
+        report = json.loads((r / "report.json").read_text())
+        for arm in ("fresh_pairs", "ocrm", "ppo_new_kl"):
+            del report["arms"][arm]
+        C.write_json(r / "report.json", report)
+    code, out, err = cli(["--gates", *dirs], capsys)
+    assert (code, err) == (0, "")
+    assert "| 1 RLHF beats SFT by > 5 s.e. |" in out and out.count("| pass |") == 1
+    assert out.count("| not run | - |") == 2 and "| FAIL |" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# run_all.sh with ARMS
+# ----------------------------------------------------------------------------------------------
+def test_arms_run_only_the_arms_asked_for_each_round_after_round_1(tmp_path):
+    run_dir = tmp_path / "one"
+    proc = run_all(tmp_path, ROUNDS="3", RUN_DIR=str(run_dir), ARMS="fresh_pairs standard_rlhf",
+                   FRESH_PAIRS="500", OCRM_ARGS="--lam 0.7")
+    assert proc.returncode == 0, proc.stderr
+    stages = [line[3:] for line in proc.stdout.splitlines() if line.startswith("== ")]
+    assert stages == [f"{run_dir}/{s}" for s in (
+        "sft", "rm_1", "ppo_1", "fresh_pairs/rm_2", "fresh_pairs/round_2", "fresh_pairs/rm_3",
+        "fresh_pairs/round_3", "standard_rlhf/round_2", "standard_rlhf/round_3")]
+    log = calls(tmp_path)
+    refit_3 = next(c for c in log if f"--out {run_dir}/fresh_pairs/rm_3" in c)
+    # the control refits on pi_2 of its own arm, with new pairs and not the OCRM weight flags
+    assert f"--policy {run_dir}/fresh_pairs/round_2" in refit_3
+    assert f"--reward_model_before {run_dir}/fresh_pairs/rm_2" in refit_3
+    assert refit_3.endswith("--fresh_pairs 500") and "--lam" not in refit_3
+    ppo_3 = next(c for c in log if f"--out {run_dir}/fresh_pairs/round_3" in c)
+    assert (f"--init {run_dir}/fresh_pairs/round_2 --kl_ref {run_dir}/fresh_pairs/round_2 "
+            f"--reward_model {run_dir}/fresh_pairs/rm_3") in ppo_3
+    std_3 = next(c for c in log if f"--out {run_dir}/standard_rlhf/round_3" in c)
+    assert f"--kl_ref {run_dir}/sft --reward_model {run_dir}/rm_1" in std_3
+    assert log[-1] == (f"report.py --run_dir {run_dir} --rounds 3 --seed 1 "
+                       f"--arms fresh_pairs standard_rlhf")
+
+
+@pytest.mark.parametrize("arms", ["standard_rlhf dpo", "ocrm ocrm", " "])
+def test_bad_arms_are_one_error_line_before_anything_runs(tmp_path, arms):
+    proc = run_all(tmp_path, RUN_DIR=str(tmp_path / "one"), ARMS=arms)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error:"), proc.stderr
+    assert not (tmp_path / "calls.log").exists()
+
+
+def test_jobs_run_seeds_side_by_side_on_one_thread_each_and_a_failure_stops_the_aggregate(tmp_path):
+    root = tmp_path / "root"
+    proc = run_all(tmp_path, SEEDS="1 2 3", JOBS="2", OMP_NUM_THREADS="")
+    assert proc.returncode == 0, proc.stderr
+    for s in (1, 2, 3):                      # each seed's output went to its own log
+        assert "== " in (root / f"toy-seed{s}.log").read_text()
+    log = calls(tmp_path)
+    assert sum(c.startswith("sft.py") for c in log) == 3
+    assert set((tmp_path / "calls.log.threads").read_text().split()) == {"1"}
+    assert log[-2].startswith("report.py --aggregate") and log[-1].startswith("report.py --gates")
+    proc = run_all(tmp_path, SEEDS="1 2 3", JOBS="2", FAIL_ON="toy-seed2/rm_1")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {root}/toy-seed2 failed")
+    assert not calls(tmp_path)[-1].startswith("report.py --gates")

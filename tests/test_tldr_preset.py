@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import common as C
+import task as T
 import reward_model as RM
 from conftest import BackgroundRun
 import sft as SFT
@@ -41,7 +42,7 @@ def text_task(paths, **overrides):
     spec = {"kind": "text", "dataset": str(paths["dataset"]), "prompt_field": "query",
             "response_field": "reference_response", "max_prompt_len": 512, "response_len": 53,
             "gold_model": str(paths["gold"]), "gold_batch_size": 3, "gold_max_len": 1024}
-    return C.TextTask({**spec, **overrides})
+    return T.TextTask({**spec, **overrides})
 
 
 def direct_gold_score(gold_dir, prompt: str, response: str) -> float:
@@ -73,18 +74,18 @@ def test_pretrained_policy_gets_a_pad_distinct_from_eos_and_no_dropout(stand_ins
 
 def test_jsonl_dataset_holds_out_every_tenth_row(stand_ins):
     rows = [json.loads(line) for line in Path(stand_ins["dataset"]).read_text().splitlines()]
-    train, held_out = C.load_text_dataset(str(stand_ins["dataset"]), "query", "reference_response")
+    train, held_out = T.load_text_dataset(str(stand_ins["dataset"]), "query", "reference_response")
     assert held_out == [(r["query"], r["reference_response"]) for r in rows[::10]]
     assert len(train) + len(held_out) == len(rows) and not set(train) & set(held_out)
 
 
 def test_dataset_errors_name_the_problem(stand_ins, tmp_path):
     with pytest.raises(C.StageError, match="no column"):
-        C.load_text_dataset(str(stand_ins["dataset"]), "prompt", "reference_response")
+        T.load_text_dataset(str(stand_ins["dataset"]), "prompt", "reference_response")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(C.StageError):
-        C.load_text_dataset(str(empty), "query", "reference_response")
+        T.load_text_dataset(str(empty), "query", "reference_response")
 
 
 def test_prompts_keep_their_end_and_responses_one_eos(stand_ins):
@@ -104,7 +105,7 @@ def test_prompts_keep_their_end_and_responses_one_eos(stand_ins):
 # ----------------------------------------------------------------------------------------------
 def test_gold_reencoding_splits_the_text_its_own_way(stand_ins):
     _, tok = C.load_pretrained_policy(str(stand_ins["model"]))
-    gold = C.GoldRewardModel(str(stand_ins["gold"]), "cpu", batch_size=2)
+    gold = T.GoldRewardModel(str(stand_ins["gold"]), "cpu", batch_size=2)
     prompt, reference = standins.tldr_rows(1)[0]["query"], standins.tldr_rows(1)[0]["reference_response"]
     # a response as the pipeline has it: policy token ids, decoded back to text
     response_ids = C.encode_responses(tok, [reference], 53)
@@ -135,7 +136,7 @@ def test_gold_model_with_several_outputs_is_refused(stand_ins, tmp_path):
     model.save_pretrained(tmp_path / "two")
     AutoTokenizer.from_pretrained(stand_ins["gold"]).save_pretrained(tmp_path / "two")
     with pytest.raises(C.StageError, match="2 outputs"):
-        C.GoldRewardModel(str(tmp_path / "two"), "cpu")
+        T.GoldRewardModel(str(tmp_path / "two"), "cpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,7 +227,7 @@ def test_preset_final_gold_is_the_gold_models_score_of_the_saved_samples(preset_
     scores = [direct_gold_score(stand_ins["gold"], s["prompt"], s["response"]) for s in samples]
     assert final["gold"] == pytest.approx(sum(scores) / len(scores), abs=1e-4)
     # the headline metric: win rate against the dataset's reference responses
-    _, held_out = C.load_text_dataset(str(stand_ins["dataset"]), "query", "reference_response")
+    _, held_out = T.load_text_dataset(str(stand_ins["dataset"]), "query", "reference_response")
     refs = [direct_gold_score(stand_ins["gold"], p, r.replace("<|endoftext|>", ""))
             for p, r in held_out[:6]]
     wins = [1.0 if s > r else 0.5 if s == r else 0.0 for s, r in zip(scores, refs)]

@@ -1,0 +1,387 @@
+"""The experiment's design: where prompts, reference answers and the gold reward come from.
+
+sft.py picks the task and writes its spec to task.json beside the SFT checkpoint; every later
+stage reads it back from --sft (`load_task`), so all stages of a run see the same data and the
+same gold reward. Two kinds, with the same methods (the stages never ask which one they have):
+
+  ToyTask   the embedded task below, built locally from its spec (no download)
+  TextTask  any prompt/reference dataset (TL;DR in the paper) with a Hugging Face
+            sequence-classification model as the gold reward (Skywork-Reward in the paper)
+
+The embedded task: "list the prompt's items", a family of tasks
+----------------------------------------------------------------
+Prompt:    `list` + 2 to 8 distinct colour words          list teal gold navy
+Response:  some of them joined by `and`, then <eos>       navy and teal <eos>
+Gold:      sum of value(item) over the distinct prompt items named
+           - mistake_penalty * (mistakes: a repeat, an off-prompt colour, a stray `and`)
+Reference: k items of the prompt, k drawn from `reference_lengths`, each item replaced by a random
+           colour with probability `reference_mistake_rate`.
+
+Every knob is a field of the spec (and an sft.py flag); TOY_TASKS names the members the README
+discusses. Which member makes which point, with the measurements, is in docs/experiments.md.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import math
+import random
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
+
+import common as C
+
+# ----------------------------------------------------------------------------------------------
+# The embedded task's vocabulary
+# ----------------------------------------------------------------------------------------------
+ITEMS = ("red", "blue", "green", "gold", "pink", "gray", "teal", "navy",
+         "lime", "plum", "rose", "sand", "jade", "ruby", "mint", "rust")
+PAD, EOS, UNK, LIST, AND = "<pad>", "<eos>", "<unk>", "list", "and"
+MAX_PROMPT_SIZE = 8
+RESPONSE_LEN = 2 * MAX_PROMPT_SIZE   # max new tokens: 8 items, 7 `and`s and <eos>
+NO_EOS_GOLD = -1.0                   # gold of a response that never ends (PPO's RM score is -1 too)
+HELD_OUT_SEED = 12345                # the fixed held-out prompts of every evaluation
+
+# Per-colour values of the "values" members: 8 liked colours (+1.5 down to +0.8) and 8 disliked
+# ones (-0.5 down to -1.2). The best answer names exactly the prompt's liked colours.
+SIGNED_VALUES = tuple(round(1.5 - 0.1 * i, 2) for i in range(8)) + \
+                tuple(round(-0.5 - 0.1 * i, 2) for i in range(8))
+
+TOY_TASKS = {
+    # the first design: every item is worth 1, references name 1..n items uniformly. On it the
+    # near-greedy SFT policy already names almost every item (no headroom) and the policy exploits
+    # repeats that SFT samples never contain (no coverage): the README's counter-example.
+    "items": {"prompt_sizes": [2, 8], "reference_lengths": "uniform",
+              "reference_mistake_rate": 0.03, "item_values": [1.0] * len(ITEMS),
+              "mistake_penalty": 1.0},
+    # liked and disliked colours: naming everything is about as good as naming nothing
+    "values": {"prompt_sizes": [2, 8], "reference_lengths": "uniform",
+               "reference_mistake_rate": 0.05, "item_values": list(SIGNED_VALUES),
+               "mistake_penalty": 1.0},
+}
+DEFAULT_TOY_TASK = "values"
+
+
+def toy_spec(name: str = DEFAULT_TOY_TASK, **overrides) -> dict:
+    """The spec of a named member with some knobs changed (None leaves a knob as it is)."""
+    if name not in TOY_TASKS:
+        raise C.StageError(f"unknown --task {name!r}; the embedded tasks are {sorted(TOY_TASKS)}")
+    spec = {"kind": "toy", "name": name, **TOY_TASKS[name]}
+    spec.update({k: v for k, v in overrides.items() if v is not None})
+    check_toy_spec(spec)
+    return spec
+
+
+def check_toy_spec(spec: dict) -> None:
+    missing = [k for k in TOY_TASKS[DEFAULT_TOY_TASK] if k not in spec]
+    if missing:
+        raise C.StageError(f"the embedded task's spec lacks {missing}: it was written by another "
+                           f"version of sft.py; redo the run")
+    lo, hi = spec["prompt_sizes"]
+    if not 2 <= lo <= hi <= MAX_PROMPT_SIZE:
+        raise C.StageError(f"prompt sizes must satisfy 2 <= min <= max <= {MAX_PROMPT_SIZE}, "
+                           f"got {lo}-{hi}")
+    lengths = spec["reference_lengths"]
+    if lengths != "uniform" and (not lengths or any(p < 0 for p in lengths) or sum(lengths) <= 0
+                                 or len(lengths) > MAX_PROMPT_SIZE):
+        raise C.StageError(f"reference lengths must be 'uniform' or at most {MAX_PROMPT_SIZE} "
+                           f"non-negative weights for 1, 2, ... items, got {lengths}")
+    if not 0 <= spec["reference_mistake_rate"] <= 1:
+        raise C.StageError("the reference mistake rate must be in [0, 1]")
+    if len(spec["item_values"]) != len(ITEMS) or not all(map(math.isfinite, spec["item_values"])):
+        raise C.StageError(f"item values must be {len(ITEMS)} finite numbers, one per colour "
+                           f"{ITEMS}")
+
+
+@functools.lru_cache(maxsize=4)
+def _item_sets(held_out: bool, lo: int, hi: int) -> dict[int, list[tuple[str, ...]]]:
+    """The item sets of each prompt size lo..hi, split once and for all: every 10th set of the
+    enumeration over all sizes 2..8 is held out, whatever sizes a task uses."""
+    by_size, index = {}, 0
+    for k in range(2, MAX_PROMPT_SIZE + 1):
+        sets = list(itertools.combinations(ITEMS, k))
+        if lo <= k <= hi:
+            by_size[k] = [s for i, s in enumerate(sets, start=index) if (i % 10 == 0) == held_out]
+        index += len(sets)
+    return by_size
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer for the embedded task, built locally (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate((PAD, EOS, UNK, LIST, AND) + ITEMS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
+
+
+class ToyTask:
+    cheap_gold = True                       # gold is a Python function: log it on every update
+    max_prompt_len = None
+    response_len = RESPONSE_LEN
+
+    def __init__(self, spec: dict | None = None):
+        self.spec = toy_spec() if spec is None else spec
+        check_toy_spec(self.spec)
+        self.values = dict(zip(ITEMS, self.spec["item_values"]))
+
+    # -- prompts -----------------------------------------------------------------------------
+    def make_prompts(self, n: int, seed: int, held_out: bool = False) -> list[str]:
+        """n prompts `list a b ...`: a uniform prompt size, then a set, in random order."""
+        rng = random.Random(seed)
+        lo, hi = self.spec["prompt_sizes"]
+        by_size = _item_sets(held_out, lo, hi)
+        prompts = []
+        for _ in range(n):
+            items = list(rng.choice(by_size[rng.choice(range(lo, hi + 1))]))
+            rng.shuffle(items)
+            prompts.append(" ".join([LIST] + items))
+        return prompts
+
+    def reference(self, prompt: str, rng: random.Random) -> str:
+        """A human-like reference answer: k of the prompt's items, sometimes with a wrong one."""
+        items = prompt.split()[1:]
+        lengths = self.spec["reference_lengths"]
+        if lengths == "uniform":
+            k = rng.randint(1, len(items))
+        else:   # the weights of 1..n items, renormalised over what this prompt allows; a prompt
+            #     too short for every weighted length names all its items
+            weights = (list(lengths) + [0.0] * len(items))[:len(items)]
+            k = rng.choices(range(1, len(items) + 1), weights)[0] if sum(weights) > 0 else len(items)
+        words = rng.sample(items, k)
+        for i in range(len(words)):
+            if rng.random() < self.spec["reference_mistake_rate"]:
+                words[i] = rng.choice(ITEMS)    # may be off-prompt or a repeat
+        return f" {AND} ".join(words)
+
+    # -- the stages' views ---------------------------------------------------------------------
+    def sft_examples(self, n: int, seed: int):
+        rng = random.Random(seed)
+        prompts = self.make_prompts(n, seed=seed)
+        return prompts, [self.reference(p, rng) for p in prompts]
+
+    def pair_prompts(self, n: int, seed: int) -> list[str]:
+        return self.make_prompts(n, seed=seed + 1000)           # not the SFT prompts' stream
+
+    def ppo_prompts(self, n: int, seed: int) -> list[str]:
+        return self.make_prompts(n, seed=seed)
+
+    def eval_examples(self, n: int):
+        """The fixed held-out prompts of every evaluation, with one reference answer each."""
+        rng = random.Random(HELD_OUT_SEED)
+        prompts = self.make_prompts(n, seed=HELD_OUT_SEED, held_out=True)
+        return prompts, [self.reference(p, rng) for p in prompts]
+
+    def centring_examples(self, n: int, seed: int):
+        rng = random.Random(seed)
+        prompts = self.make_prompts(n, seed=seed + 2000, held_out=True)
+        return prompts, [self.reference(p, rng) for p in prompts]
+
+    # -- the gold reward -----------------------------------------------------------------------
+    def gold_reward(self, prompt: str, response: str, has_eos: bool = True) -> float:
+        """sum of value(item) over the distinct prompt items named - penalty * mistakes."""
+        if not has_eos:
+            return NO_EOS_GOLD
+        items = set(prompt.split()[1:])
+        words = response.split()
+        named, mistakes = set(), 0
+        for i, word in enumerate(words):
+            if word == AND:                     # fine only between two non-`and` words
+                between = 0 < i < len(words) - 1 and words[i - 1] != AND and words[i + 1] != AND
+                mistakes += not between
+            elif word in items and word not in named:
+                named.add(word)
+            else:
+                mistakes += 1                   # a repeat, an off-prompt word, or junk
+        return sum(self.values[w] for w in named) - self.spec["mistake_penalty"] * mistakes
+
+    def best_gold(self, prompt: str) -> float:
+        """The highest gold any answer to `prompt` can get: name exactly its positive items (an
+        answer of just <eos> is worth 0)."""
+        return sum(max(self.values[w], 0.0) for w in prompt.split()[1:])
+
+    def gold(self, prompts: list[str], texts: list[str], ended: list[bool]) -> torch.Tensor:
+        return torch.tensor([self.gold_reward(p, t, e) for p, t, e in zip(prompts, texts, ended)],
+                            dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's setting: a prompt/reference dataset and a gold reward model (docs/method.md)
+# ----------------------------------------------------------------------------------------------
+def load_text_dataset(name: str, prompt_field: str, response_field: str):
+    """(train, held_out) lists of (prompt, reference) from a hub dataset or a local JSON/JSONL file.
+
+    Held out is the dataset's `validation` (else `test`) split; a dataset with one split (a local
+    file) holds out every 10th row.
+    """
+    try:
+        if Path(name).is_file():
+            data = datasets.load_dataset("json", data_files=str(name))
+        else:
+            data = datasets.load_dataset(name)
+    except Exception as e:
+        raise C.StageError(f"could not load the dataset {name}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}")
+    if "train" not in data:
+        raise C.StageError(f"the dataset {name} has no train split (it has {list(data)})")
+    held_name = next((s for s in ("validation", "test") if s in data), None)
+    for split in ("train", held_name):
+        if split is None:
+            continue
+        missing = [f for f in (prompt_field, response_field) if f not in data[split].column_names]
+        if missing:
+            raise C.StageError(f"the {split} split of {name} has no column(s) {missing}; it has "
+                             f"{data[split].column_names}: set --prompt_field / --response_field")
+
+    def rows(split):
+        return list(zip(split[prompt_field], split[response_field]))
+
+    train = rows(data["train"])
+    if held_name is not None:
+        held_out = rows(data[held_name])
+    else:
+        held_out = [r for i, r in enumerate(train) if i % 10 == 0]
+        train = [r for i, r in enumerate(train) if i % 10 != 0]
+    if not train or not held_out:
+        raise C.StageError(f"the dataset {name} is too small: {len(train)} training and "
+                         f"{len(held_out)} held-out rows")
+    return train, held_out
+
+
+def _take(rows: list, n: int, seed: int) -> list:
+    """n rows in a seeded random order, going round again if n > len(rows); n = 0 means all."""
+    n = n or len(rows)
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        out += rng.sample(rows, len(rows))
+    return out[:n]
+
+
+class GoldRewardModel:
+    """A Hugging Face sequence classifier as the gold reward, with its own tokenizer.
+
+    Our responses are token ids of the policy's tokenizer; the gold RM has another one. So: decode
+    to text, put prompt and response into the gold tokenizer's chat template (user turn, assistant
+    turn) when it has one, else concatenate them, re-encode with the gold tokenizer, and score in
+    batches. The model sits in CPU memory and moves to the device only while it scores (an 8B
+    gold RM and a policy being trained do not fit one GPU together); bf16 on CUDA.
+    """
+
+    def __init__(self, name: str, device, batch_size: int = 16, max_len: int = 1024):
+        self.name, self.device = name, torch.device(device)
+        self.batch_size, self.max_len = batch_size, max_len
+        self.tokenizer = C.load_tokenizer(name)
+        if self.tokenizer.pad_token_id is None:        # left padding makes the pad id irrelevant
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype).eval()
+        except Exception as e:
+            raise C.StageError(f"could not load the gold reward model {name}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}")
+        if self.model.config.num_labels != 1:
+            raise C.StageError(f"the gold reward model {name} has {self.model.config.num_labels} "
+                             f"outputs; a reward model has one")
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.requires_grad_(False)
+
+    def encode(self, prompt: str, response: str) -> list[int]:
+        """Gold-tokenizer ids of one (prompt, response), at most max_len (the start is cut)."""
+        if self.tokenizer.chat_template:
+            chat = [{"role": "user", "content": prompt.strip()},
+                    {"role": "assistant", "content": response.strip()}]
+            text = self.tokenizer.apply_chat_template(chat, tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]  # template has BOS
+        else:
+            ids = self.tokenizer(prompt + response)["input_ids"]
+        return ids[-self.max_len:]
+
+    @torch.inference_mode()
+    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """Gold score of each (prompt, response), float32 on the CPU: (N,)."""
+        pad = self.tokenizer.pad_token_id
+        out = []
+        self.model.to(self.device)
+        try:
+            for i in range(0, len(prompts), self.batch_size):
+                ids = [self.encode(p, r) for p, r in zip(prompts[i:i + self.batch_size],
+                                                         responses[i:i + self.batch_size])]
+                width = max(len(x) for x in ids)
+                # left padding: the last position is every row's last real token, which is where
+                # the classifier reads its score
+                input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+                mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+                logits = self.model(input_ids=input_ids.to(self.device),
+                                    attention_mask=mask.to(self.device)).logits
+                out.append(logits[:, 0].float().cpu())
+        finally:
+            self.model.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return torch.cat(out)
+
+
+class TextTask:
+    """Prompts and references from a dataset; gold = a Hugging Face reward model (PAPER.md s. 6)."""
+    cheap_gold = False                      # an 8B forward per batch: gold only at evaluations
+
+    def __init__(self, spec: dict, device="cpu"):
+        self.spec = spec
+        self.max_prompt_len = spec["max_prompt_len"]
+        self.response_len = spec["response_len"]
+        self.train, self.held_out = load_text_dataset(spec["dataset"], spec["prompt_field"],
+                                                      spec["response_field"])
+        self.device = device
+        self._gold = None                   # loaded on first use: SFT never needs it
+
+    def sft_examples(self, n: int, seed: int):
+        prompts, references = zip(*_take(self.train, n, seed))
+        return list(prompts), list(references)
+
+    def pair_prompts(self, n: int, seed: int) -> list[str]:
+        return [p for p, _ in _take(self.train, n, seed + 1000)]
+
+    def ppo_prompts(self, n: int, seed: int) -> list[str]:
+        return [p for p, _ in _take(self.train, n, seed)]
+
+    def eval_examples(self, n: int):
+        prompts, references = zip(*self.held_out[:n])
+        return list(prompts), list(references)
+
+    def centring_examples(self, n: int, seed: int):
+        prompts, references = zip(*_take(self.held_out, min(n, len(self.held_out)), seed + 2000))
+        return list(prompts), list(references)
+
+    def gold(self, prompts: list[str], texts: list[str], ended: list[bool]) -> torch.Tensor:
+        """The gold RM scores the text as it is; a response without EOS is scored truncated."""
+        if self._gold is None:
+            s = self.spec
+            self._gold = GoldRewardModel(s["gold_model"], self.device, s["gold_batch_size"],
+                                         s["gold_max_len"])
+        return self._gold.score(prompts, texts)
+
+
+TASK_FILE = "task.json"
+
+
+def save_task(task, directory: Path) -> None:
+    C.write_json(Path(directory) / TASK_FILE, task.spec)
+
+
+def load_task(sft_dir, device="cpu"):
+    """The task a run's SFT stage was made with (sft.py writes task.json beside the policy)."""
+    file = Path(sft_dir) / TASK_FILE
+    if not file.is_file():
+        raise C.StageError(f"{sft_dir} has no {TASK_FILE}; pass an SFT checkpoint made by sft.py")
+    spec = json.loads(file.read_text())
+    if spec.get("kind") == "toy":
+        return ToyTask(spec)
+    if spec.get("kind") == "text":
+        return TextTask(spec, device)
+    raise C.StageError(f"{file} names an unknown task kind {spec.get('kind')!r}")
