@@ -93,11 +93,21 @@ def pick_device(name: str) -> torch.device:
         raise StageError(f"unknown --device {name!r}; use auto, cpu or cuda") from None
 
 
+# Mixed precision: the models' weights are always fp32 (master weights; every loader below asks
+# for float32, whatever dtype a hub checkpoint was saved in), and forward/backward passes run
+# under bf16 autocast on CUDA. The tests add "cpu" here to run the mixed-precision code paths on
+# a CPU (torch has bf16 autocast there too).
+AUTOCAST = {"cuda": torch.bfloat16}
+
+
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA for forward/backward passes; a no-op on CPU (fp32 there)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 autocast where AUTOCAST says so (CUDA); a no-op elsewhere (fp32)."""
+    dtype = AUTOCAST.get(device.type)
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def mixed_precision(device: torch.device) -> bool:
+    return device.type in AUTOCAST
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,7 +350,7 @@ def apply_attention(model):
 
 def _load(loader, path, device):
     try:
-        model = loader.from_pretrained(path, use_safetensors=True)
+        model = loader.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
     except Exception as e:  # corrupt or truncated weights: say which file, not a 40-line trace
         raise StageError(f"could not load {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
     return apply_attention(model).to(device).eval()
@@ -369,7 +379,9 @@ def load_pretrained_policy(name: str, gradient_checkpointing: bool = False):
         for key, value in config.to_dict().items():      # every dropout probability -> 0
             if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
                 setattr(config, key, 0.0)
-        model = AutoModelForCausalLM.from_pretrained(name, config=config)
+        # fp32 master weights: Pythia's hub checkpoints are fp16, and transformers 5.x would keep
+        # them so (dtype="auto"); AdamW at lr 3e-6 on fp16 weights stalls or diverges
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=torch.float32)
     except Exception as e:
         raise StageError(f"could not load the model {name}: {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}")

@@ -213,7 +213,7 @@ def ppo_update(update, batch_prompts, policy, value_model, kl_ref, sft, rm, toke
     t0 = time.time()
     query = C.encode_prompts(tokenizer, batch_prompts, task.max_prompt_len).to(device)  # (B, P)
 
-    # 1. rollout at T = 0.7; log pi_old comes with the samples
+    # 1. rollout at T = 0.7; log pi_old comes with the samples (in fp32; see step 2 for bf16)
     policy.eval()
     value_model.eval()
     response, logp_old = C.sample(policy, query, pad, eos, task.response_len, args.temperature, gen,
@@ -222,6 +222,14 @@ def ppo_update(update, batch_prompts, policy, value_model, kl_ref, sft, rm, toke
 
     # 2. score the rollout with the frozen models and the value model
     with torch.no_grad(), C.autocast(device):
+        if C.mixed_precision(device):
+            # Under bf16 autocast the training forward (step 5) and the reference forward below
+            # differ from the sampler's fp32 KV-cache path; both sides of the ratio pi / pi_old
+            # and of the KL penalty must come from one code path and dtype, so log pi_old is
+            # recomputed here exactly as step 5 computes log pi (in fp32 the sampler's values are
+            # that already: tests/test_math.py)
+            logits_old = C.response_logits(policy, query, response, pad, eos, args.temperature)
+            logp_old = C.gather_logprobs(logits_old, response) * mask
         logits_ref = C.response_logits(kl_ref, query, response, pad, eos, args.temperature)
         logp_ref = C.gather_logprobs(logits_ref, response) * mask                  # (B, R)
         if sft is None:                                   # the KL reference is pi_sft
@@ -320,7 +328,7 @@ def main(argv=None):
     for tok, name in ((ref_tok, args.kl_ref), (sft_tok, args.sft), (rm_tok, args.reward_model)):
         C.check_same_tokenizer(tokenizer, tok, args.init, name)
     value_model = C.apply_attention(AutoModelForSequenceClassification.from_pretrained(
-        args.reward_model, use_safetensors=True)).to(device)
+        args.reward_model, use_safetensors=True, dtype=torch.float32)).to(device)
     if args.gradient_checkpointing:
         policy.activation_checkpointing_enable()
         value_model.activation_checkpointing_enable()

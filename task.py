@@ -278,7 +278,7 @@ class GoldRewardModel:
         self.batch_size, self.max_len = batch_size, max_len
         self.tokenizer = C.load_tokenizer(name)
         if self.tokenizer.pad_token_id is None:        # left padding makes the pad id irrelevant
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.tokenizer.pad_token = self.tokenizer.eos_token   # (the score is read at an index)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         try:
             self.model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype).eval()
@@ -288,7 +288,9 @@ class GoldRewardModel:
         if self.model.config.num_labels != 1:
             raise C.StageError(f"the gold reward model {name} has {self.model.config.num_labels} "
                              f"outputs; a reward model has one")
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        if not isinstance(getattr(self.model, "score", None), torch.nn.Module):
+            raise C.StageError(f"the gold reward model {name} has no `score` head (a decoder "
+                               f"LM's AutoModelForSequenceClassification has one)")
         self.model.requires_grad_(False)
 
     def encode(self, prompt: str, response: str) -> list[int]:
@@ -313,13 +315,17 @@ class GoldRewardModel:
                 ids = [self.encode(p, r) for p, r in zip(prompts[i:i + self.batch_size],
                                                          responses[i:i + self.batch_size])]
                 width = max(len(x) for x in ids)
-                # left padding: the last position is every row's last real token, which is where
-                # the classifier reads its score
+                # left padding: the last position is every row's last real token
                 input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
                 mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-                logits = self.model(input_ids=input_ids.to(self.device),
-                                    attention_mask=mask.to(self.device)).logits
-                out.append(logits[:, 0].float().cpu())
+                # the head at the last position, explicitly: the library's pooling reads the
+                # last token that is not the pad id, which is one token early when pad = EOS and
+                # the chat template ends in EOS
+                pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
+                hidden = self.model.base_model(input_ids=input_ids.to(self.device),
+                                               attention_mask=mask.to(self.device),
+                                               position_ids=pos.to(self.device)).last_hidden_state
+                out.append(self.model.score(hidden[:, -1]).float()[:, 0].cpu())
         finally:
             self.model.to("cpu")
             if self.device.type == "cuda":

@@ -503,6 +503,41 @@ def test_kl_penalty_is_zero_when_policy_is_its_own_reference(policy, ids):
     torch.testing.assert_close(rewards, expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_first_minibatch_ratio_is_one_and_kl_zero_when_policy_is_its_reference(
+        policy, reward_model, tokenizer, monkeypatch, precision):
+    """At the first minibatch of an update, pi == pi_old, so the PPO ratio is 1; with the policy
+    as its own KL reference the penalty is 0. Under bf16 autocast (CPU here, as on CUDA) that
+    holds only if pi_old, pi_ref and pi all come from one code path in one dtype."""
+    if precision == "bf16":
+        monkeypatch.setitem(C.AUTOCAST, "cpu", torch.bfloat16)
+    policy, value_model = copy.deepcopy(policy), copy.deepcopy(reward_model)
+    reward_model.config.reward_bias = value_model.config.reward_bias = 0.0
+    reward_model.requires_grad_(False)
+    args = ppo.parse_args(["--init", "-", "--kl_ref", "-", "--sft", "-", "--reward_model", "-",
+                           "--out", "-", "--batch_size", "16", "--minibatches", "2"])
+    opt = torch.optim.AdamW(list(policy.parameters()) + list(value_model.parameters()), lr=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
+    log_ratios = []
+    real_losses = ppo.ppo_losses
+
+    def recording_losses(logp, logp_old, advantages, values, values_old, returns, mask, *rest):
+        log_ratios.append(((logp - logp_old) * mask).detach())
+        return real_losses(logp, logp_old, advantages, values, values_old, returns, mask, *rest)
+
+    monkeypatch.setattr(ppo, "ppo_losses", recording_losses)
+    task = T.ToyTask()
+    row = ppo.ppo_update(1, task.ppo_prompts(16, seed=4), policy, value_model, policy, None,
+                         reward_model, tokenizer, opt, sched, torch.Generator().manual_seed(4),
+                         args, task)
+    # bf16: one code path, so exactly 0; fp32: the sampler's KV-cache log-probs are reused, equal
+    # to the full forward up to float32 rounding (~1e-7 per token). The bug this guards against
+    # (fp32 sampler log-probs against bf16 forwards) is off by ~1e-2.
+    tolerance = 0.0 if precision == "bf16" else 1e-5
+    assert abs(row["kl_to_ref"]) <= tolerance
+    assert log_ratios[0].abs().max().item() <= max(tolerance, 1e-6), precision
+
+
 # ----------------------------------------------------------------------------------------------
 # 10. PPO losses
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common as C
 import task as T
@@ -70,6 +70,24 @@ def test_pretrained_policy_gets_a_pad_distinct_from_eos_and_no_dropout(stand_ins
     model.train()
     ids = torch.tensor([tok("TL;DR: my dog")["input_ids"]])
     assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_a_checkpoint_stored_in_fp16_trains_with_fp32_master_weights(stand_ins, tmp_path):
+    """Pythia's hub checkpoints are fp16 and transformers 5.x loads a checkpoint in its stored
+    dtype; every loader asks for fp32, so SFT at the preset's lr 3e-6 trains instead of failing."""
+    fp16 = tmp_path / "fp16"
+    model = AutoModelForCausalLM.from_pretrained(stand_ins["model"], dtype=torch.float16)
+    assert next(model.parameters()).dtype == torch.float16
+    model.save_pretrained(fp16)
+    AutoTokenizer.from_pretrained(stand_ins["model"]).save_pretrained(fp16)
+    loaded, _ = C.load_pretrained_policy(str(fp16))
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    out = tmp_path / "sft"
+    SFT.main(["--out", str(out), "--model", str(fp16), "--dataset", str(stand_ins["dataset"]),
+              "--num_examples", "32", "--batch_size", "8", "--epochs", "1", "--lr", "3e-6",
+              "--device", "cpu"])
+    policy, _ = C.load_policy(out, "cpu")                 # and the saved policy loads as fp32 too
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}
 
 
 def test_jsonl_dataset_holds_out_every_tenth_row(stand_ins):
@@ -130,6 +148,33 @@ def test_gold_scores_batched_equal_one_at_a_time(stand_ins):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_gold_score_is_read_at_the_last_token_when_pad_is_eos(stand_ins, tmp_path):
+    """A gold tokenizer without a pad token gets pad = EOS, and the chat template ends in EOS: the
+    library's pooling (last token that is not the pad id) would read the score before that final
+    EOS. The score must be the head at the very last token of the unpadded sequence."""
+    no_pad = tmp_path / "gold_no_pad"
+    model = AutoModelForSequenceClassification.from_pretrained(stand_ins["gold"])
+    tok = AutoTokenizer.from_pretrained(stand_ins["gold"])
+    tok.pad_token = None
+    model.config.pad_token_id = tok.eos_token_id          # what HF models often ship with
+    model.save_pretrained(no_pad)
+    tok.save_pretrained(no_pad)
+    gold = T.GoldRewardModel(str(no_pad), "cpu", batch_size=4)
+    prompts, references = text_task(stand_ins).eval_examples(4)
+    responses = [r.replace("<|endoftext|>", "")[: 6 + 11 * i] for i, r in enumerate(references)]
+    got = gold.score(prompts, responses)
+    expected, pooled = [], []
+    for p, r in zip(prompts, responses):
+        ids = torch.tensor([gold.encode(p, r)])
+        assert ids[0, -1].item() == tok.eos_token_id      # the template's closing EOS
+        with torch.no_grad():
+            hidden = model.model(input_ids=ids).last_hidden_state
+            expected.append(model.score(hidden[0, -1]).item())
+            pooled.append(model(input_ids=ids).logits[0, 0].item())
+    torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(torch.tensor(pooled), torch.tensor(expected), atol=1e-3)
+
+
 def test_gold_model_with_several_outputs_is_refused(stand_ins, tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(stand_ins["gold"], num_labels=2,
                                                                ignore_mismatched_sizes=True)
@@ -162,6 +207,25 @@ def test_micro_batches_give_the_same_training_as_whole_batches(stage, tmp_path, 
         outs.append(safetensors.torch.load_file(out / "model.safetensors"))
     for name in outs[0]:
         torch.testing.assert_close(outs[0][name], outs[1][name], atol=1e-4, rtol=1e-4)
+
+
+def test_train_last_blocks_fits_the_last_block_norm_and_head_only(tmp_path, toy_sft_dir):
+    """--train_last_blocks 1 on the 2-block GPT-2: block 1, the final norm and the head change;
+    the embeddings and block 0 keep the SFT policy's weights exactly."""
+    import safetensors.torch
+    out = tmp_path / "rm"
+    RM.main(["--sft", str(toy_sft_dir), "--prefs", str(tmp_path / "prefs"), "--out", str(out),
+             "--num_pairs", "64", "--batch_size", "32", "--epochs", "1", "--device", "cpu",
+             "--train_last_blocks", "1"])
+    rm = safetensors.torch.load_file(out / "model.safetensors")
+    sft = safetensors.torch.load_file(toy_sft_dir / "model.safetensors")
+    changed = {name for name in rm if name.startswith("transformer.")
+               and not torch.equal(rm[name], sft[name])}
+    assert changed and all(n.startswith(("transformer.h.1.", "transformer.ln_f.")) for n in changed)
+    assert any(n.startswith("transformer.ln_f.") for n in changed)
+    with pytest.raises(C.StageError, match="train_last_blocks"):
+        RM.parse_args(["--sft", "s", "--prefs", "p", "--out", "o", "--train_backbone", "1",
+                       "--train_last_blocks", "1"])
 
 
 # ----------------------------------------------------------------------------------------------
