@@ -62,6 +62,9 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train_backbone", type=int, default=0,
                    help="1: fine-tune the SFT backbone with the head; 0: freeze it and fit only the "
                         "linear head (a deliberately misspecified RM)")
+    p.add_argument("--train_last_blocks", type=int, default=0,
+                   help="with --train_backbone 0: also fit the last K transformer blocks and the "
+                        "final norm (between a linear head on frozen features and the whole RM)")
     p.add_argument("--heldout_fraction", type=float, default=0.1,
                    help="fraction of pairs kept out of training for the accuracy check")
     p.add_argument("--micro_batch_size", type=int, default=0,
@@ -96,6 +99,9 @@ def parse_args(argv=None):
 def check_fit_args(args) -> None:
     if args.forward_batch_size <= 0 or args.batch_size <= 0:
         raise C.StageError("--batch_size and --forward_batch_size must be positive")
+    if args.train_last_blocks < 0 or (args.train_last_blocks and args.train_backbone):
+        raise C.StageError("--train_last_blocks K >= 0 goes with --train_backbone 0 (with "
+                           "--train_backbone 1 every block is trained already)")
     C.check_micro_batch(args.micro_batch_size, args.batch_size, "--batch_size")
 
 
@@ -201,6 +207,20 @@ def pair_accuracy(rm, query, chosen, rejected, pad, eos, batch_size=512) -> floa
     return correct / len(query)
 
 
+def unfreeze_last_blocks(backbone, k: int) -> None:
+    """Let the last k transformer blocks and everything after them (the final norm) train.
+
+    The blocks are the backbone's one ModuleList (GPT-2's `h`, GPT-NeoX's and Llama's `layers`);
+    what follows it among the backbone's children is the final norm."""
+    children = list(backbone.children())
+    at = next(i for i, m in enumerate(children) if isinstance(m, torch.nn.ModuleList))
+    blocks = children[at]
+    if k > len(blocks):
+        raise C.StageError(f"--train_last_blocks {k}: the backbone has {len(blocks)} blocks")
+    for module in list(blocks[-k:]) + children[at + 1:]:
+        module.requires_grad_(True)
+
+
 def fit_reward_model(sft_dir, task, data: datasets.Dataset, args, device, weight=None):
     """Fit RM = SFT backbone + fresh head on the pairs with per-pair weights; returns (rm, tok, info).
     `task` (the run's, from --sft) gives the held-out references the RM is centred on. The caller
@@ -208,9 +228,11 @@ def fit_reward_model(sft_dir, task, data: datasets.Dataset, args, device, weight
     C.set_seed(args.seed)
     tokenizer = C.load_tokenizer(sft_dir)
     rm = C.apply_attention(AutoModelForSequenceClassification.from_pretrained(
-        sft_dir, num_labels=1, use_safetensors=True))
+        sft_dir, num_labels=1, use_safetensors=True, dtype=torch.float32))
     rm.config.pad_token_id = tokenizer.pad_token_id
     rm.base_model.requires_grad_(bool(args.train_backbone))
+    if args.train_last_blocks:
+        unfreeze_last_blocks(rm.base_model, args.train_last_blocks)
     if args.gradient_checkpointing and args.train_backbone:
         rm.activation_checkpointing_enable()
     rm.to(device)
