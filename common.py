@@ -456,6 +456,20 @@ def atomic_output(out: str | Path):
     os.replace(tmp, out)
 
 
+def throughput(device: torch.device, tokens: int, seconds: float) -> dict:
+    """Real (non-pad) tokens per second of a stage's main loop, and the peak GPU memory so far
+    (None off CUDA): what PRESET=smoke is for, recorded in every stage's *_info.json."""
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    return {"tokens_per_second": tokens / max(seconds, 1e-9), "peak_gpu_memory_gb": peak}
+
+
+def throughput_text(info: dict) -> str:
+    text = f"{info['tokens_per_second']:,.0f} tokens/s"
+    if info["peak_gpu_memory_gb"] is not None:
+        text += f", peak GPU memory {info['peak_gpu_memory_gb']:.1f} GB"
+    return text
+
+
 def write_json(path: Path, obj) -> None:
     Path(path).write_text(json.dumps(obj, indent=2) + "\n")
 

@@ -247,7 +247,7 @@ def main(argv=None):
     info.update(args=vars(args), weights=diag, seconds=time.time() - start)
     RM.save_reward_model(rm, tok, info, args.out)
     print(f"ocrm: corrected RM held-out pair accuracy {info['heldout_accuracy']:.3f}, "
-          f"saved {args.out} ({info['seconds']:.0f}s)")
+          f"{C.throughput_text(info)}, saved {args.out} ({info['seconds']:.0f}s)")
 
 
 if __name__ == "__main__":

@@ -376,6 +376,10 @@ def main(argv=None):
         if update % args.eval_every == 0 or update == args.updates:
             eval_point(update)
     policy.eval()
+    # the updates' own throughput, evaluations left out: all their tokens over all their time
+    seconds = [B / r["episodes_per_second"] for r in metrics]
+    tokens = sum(r["tokens_per_second"] * t for r, t in zip(metrics, seconds))
+    speed = C.throughput(device, round(tokens), sum(seconds))
 
     # 7. final evaluation: near-greedy decode; gold win rates against the SFT policy's near-greedy
     #    responses and against the dataset's reference responses (the paper's headline metric)
@@ -405,11 +409,12 @@ def main(argv=None):
         (tmp / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
         C.write_json(tmp / "final.json", final)
         C.write_json(tmp / "ppo_info.json", {"args": vars(args), "seconds": time.time() - start,
-                                             "critic_warmup_value_loss": warmup_value_loss})
+                                             "critic_warmup_value_loss": warmup_value_loss,
+                                             **speed})
     print(f"ppo: final gold {final['gold']:.3f}, proxy {final['proxy']:.3f}, "
           f"win rate vs SFT {final['win_rate_vs_sft']:.3f}, vs reference "
           f"{final['win_rate_vs_reference']:.3f}, KL to SFT {final['kl_to_sft']:.2f}; "
-          f"saved {args.out} ({time.time() - start:.0f}s)")
+          f"{C.throughput_text(speed)}; saved {args.out} ({time.time() - start:.0f}s)")
 
 
 if __name__ == "__main__":

@@ -252,11 +252,16 @@ def fit_reward_model(sft_dir, task, data: datasets.Dataset, args, device, weight
     total = steps_per_epoch * args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / total)
     rm.train()
+    # real tokens per pair: the prompt (computed once for both responses) and the two responses
+    pair_tokens = ((query != pad).sum(1) + C.response_mask(chosen, eos).sum(1)
+                   + C.response_mask(rejected, eos).sum(1))                           # (N,)
+    tokens, train_start = 0, time.time()
     with tqdm(total=total, desc="reward model", mininterval=2) as bar:   # closed before any error
         for epoch in range(args.epochs):
             order = train_idx[torch.randperm(len(train_idx))]
             for step in range(steps_per_epoch):
                 idx = order[step * args.batch_size:(step + 1) * args.batch_size].to(device)
+                tokens += pair_tokens[idx].sum().item()
                 opt.zero_grad(set_to_none=True)
                 loss = 0.0
                 for mb in idx.split(micro):          # gradient accumulation over micro-batches
@@ -273,6 +278,7 @@ def fit_reward_model(sft_dir, task, data: datasets.Dataset, args, device, weight
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     rm.eval()
+    speed = C.throughput(device, tokens, time.time() - train_start)
 
     # 4. centre on held-out reference responses: bias = mean_x r(x, y_ref)
     ref_prompts, references = task.centring_examples(1024, seed=args.seed)
@@ -292,7 +298,7 @@ def fit_reward_model(sft_dir, task, data: datasets.Dataset, args, device, weight
         "train_accuracy": pair_accuracy(rm, query[train_idx], chosen[train_idx],
                                         rejected[train_idx], pad, eos, args.forward_batch_size),
         "final_loss": loss.item(), "reward_bias": bias, "num_pairs": len(data),
-        "weighted": bool((weight != 1).any()),
+        "weighted": bool((weight != 1).any()), **speed,
     }
     return rm, tokenizer, info
 
@@ -321,7 +327,7 @@ def main(argv=None):
     save_reward_model(rm, tokenizer, info, args.out)
     print(f"reward model: held-out pair accuracy {info['heldout_accuracy']:.3f} "
           f"(train {info['train_accuracy']:.3f}), bias {info['reward_bias']:.3f}, "
-          f"saved {args.out} ({info['seconds']:.0f}s)")
+          f"{C.throughput_text(info)}, saved {args.out} ({info['seconds']:.0f}s)")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,10 @@
 #   PRESET=tldr        Pythia-1B-deduped on TL;DR, Skywork-Reward-Llama-3.1-8B as gold
 #                      (estimated ~12 h on one 80 GB GPU)
 #   PRESET=tldr_small  Pythia-160M-deduped, fewer pairs and episodes (estimated ~1 h, 40 GB)
+#   PRESET=alpaca      Qwen2.5-1.5B on AlpacaFarm's instructions, the same gold RM
+#                      (estimated ~24 h on one 80 GB GPU)
+#   PRESET=smoke       Pythia-14M, 512 pairs, one PPO update per round: the command to run
+#                      first on a GPU (prints peak GPU memory and tokens/s of every stage)
 #   MODEL, DATASET, GOLD_MODEL   replace the preset's model / dataset / gold RM (name or path)
 #   RUN_DIR defaults to runs/$PRESET-seed$SEED
 #
@@ -140,36 +144,54 @@ if [ ${#arms[@]} -eq 0 ] || [ "$(printf '%s\n' "${arms[@]}" | sort | uniq -d)" ]
 fi
 
 # Presets: the paper's hyperparameters (PAPER.md sections 3-6) scaled to one GPU. Each *_PRESET
-# list goes before the user's *_ARGS, so a flag in *_ARGS overrides the preset's.
-SFT_PRESET="" PAIRS_PRESET="" RM_PRESET="" PPO_PRESET="" OCRM_PRESET=""
+# list goes before the user's *_ARGS, so a flag in *_ARGS overrides the preset's. sft_text holds
+# the one flag whose value has spaces (AlpacaFarm's prompt template), passed as one argument.
+SFT_PRESET="" PAIRS_PRESET="" RM_PRESET="" PPO_PRESET="" OCRM_PRESET="" sft_text=()
 case "${PRESET:-}" in
   "") RUN_NAME=toy ;;
-  tldr|tldr_small)
+  tldr|tldr_small|smoke|alpaca)
     RUN_NAME=$PRESET
-    DATASET=${DATASET:-vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144}
     GOLD_MODEL=${GOLD_MODEL:-Skywork/Skywork-Reward-Llama-3.1-8B-v0.2}
-    if [ "$PRESET" = tldr ]; then
-      MODEL=${MODEL:-EleutherAI/pythia-1b-deduped}
-      sft_examples=0 num_pairs=30000 micro=8 eval_prompts=256 UPDATES=${UPDATES:-200}
+    beta=0.05 prompt_len=512 response_len=53 micro=8 lam=0.001
+    case "$PRESET" in
+      tldr) MODEL=${MODEL:-EleutherAI/pythia-1b-deduped}
+        sft_examples=0 num_pairs=30000 eval_prompts=256 UPDATES=${UPDATES:-200} ;;
+      tldr_small) MODEL=${MODEL:-EleutherAI/pythia-160m-deduped}
+        sft_examples=20000 num_pairs=5000 eval_prompts=128 UPDATES=${UPDATES:-60} ;;
+      smoke)   # the authors' DEBUG script: Pythia-14M, ~512 pairs, one PPO update per round
+        MODEL=${MODEL:-EleutherAI/pythia-14m}
+        sft_examples=2048 num_pairs=512 eval_prompts=32 UPDATES=${UPDATES:-1} ;;
+      alpaca)  # AlpacaFarm instructions with Qwen2.5-1.5B: beta 0.1, 106-token replies
+        MODEL=${MODEL:-Qwen/Qwen2.5-1.5B}
+        DATASET=${DATASET:-hf://datasets/tatsu-lab/alpaca_farm/alpaca_instructions}
+        sft_examples=0 num_pairs=20000 eval_prompts=256 UPDATES=${UPDATES:-150}
+        beta=0.1 response_len=106 micro=4 ;;
+    esac
+    if [ "$PRESET" = alpaca ]; then
+      # the authors' template; the input is cut at newlines first when the prompt is too long;
+      # a reply starts with a space after "REPLY:", as the authors' references do
+      data_flags="--train_splits sft,unlabeled,preference --held_out_split val
+        --response_field output --truncate_field input"
+      sft_text=(--prompt_template 'INSTRUCTION: {instruction} \n\nINPUT: {input}\n\nREPLY:'
+        --response_prefix " ")
     else
-      MODEL=${MODEL:-EleutherAI/pythia-160m-deduped}
-      sft_examples=20000 num_pairs=5000 micro=8 eval_prompts=128 UPDATES=${UPDATES:-60}
+      DATASET=${DATASET:-vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144}
+      data_flags="--prompt_field query --response_field reference_response"
     fi
-    # SFT: 1 epoch, lr 3e-6 (N+ details); prompts of <= 512 tokens, responses of <= 53
-    SFT_PRESET="--model $MODEL --dataset $DATASET --prompt_field query
-      --response_field reference_response --max_prompt_len 512 --response_len 53
-      --gold_model $GOLD_MODEL --gold_batch_size 16 --num_examples $sft_examples --epochs 1
-      --batch_size 64 --micro_batch_size $micro --lr 3e-6"
+    # SFT: 1 epoch, lr 3e-6 (N+ details); prompts of <= 512 tokens
+    SFT_PRESET="--model $MODEL --dataset $DATASET $data_flags --max_prompt_len $prompt_len
+      --response_len $response_len --gold_model $GOLD_MODEL --gold_batch_size 16
+      --num_examples $sft_examples --epochs 1 --batch_size 64 --micro_batch_size $micro --lr 3e-6"
     PAIRS_PRESET="--num_pairs $num_pairs --label argmax"
     # the whole RM is fine-tuned as in the authors' code: 1 epoch, lr 3e-6
     RM_PRESET="--train_backbone 1 --epochs 1 --batch_size 64 --micro_batch_size $micro --lr 3e-6
       --forward_batch_size 32"
-    PPO_PRESET="--batch_size 64 --minibatches 2 --micro_batch_size $micro --lr 3e-6 --beta 0.05
+    PPO_PRESET="--batch_size 64 --minibatches 2 --micro_batch_size $micro --lr 3e-6 --beta $beta
       --temperature 0.7 --eval_prompts $eval_prompts --eval_every 25 --forward_batch_size 32"
-    OCRM_PRESET="--alpha 0.1 --lam 0.001 --diag_prompts $eval_prompts"
+    OCRM_PRESET="--alpha 0.1 --lam $lam --diag_prompts $eval_prompts"
     ;;
-  *) echo "error: unknown PRESET '$PRESET'; use tldr or tldr_small (or unset it for the embedded" \
-       "task)" >&2; exit 2 ;;
+  *) echo "error: unknown PRESET '$PRESET'; use tldr, tldr_small, alpaca or smoke (or unset it" \
+       "for the embedded task)" >&2; exit 2 ;;
 esac
 RUN_DIR=${RUN_DIR:-runs/$RUN_NAME-seed$SEED}
 UPDATES=${UPDATES:-100}
@@ -203,7 +225,7 @@ rm_1=$RUN_DIR/rm_1
 
 # 1. SFT, 2. preference pairs + RM_1, 3. PPO round 1 (the start all three arms share)
 # shellcheck disable=SC2086  # *_ARGS are flag lists, split on purpose
-run_stage "$sft" "$PYTHON" sft.py --out "$sft" "${common[@]}" $SFT_ARGS
+run_stage "$sft" "$PYTHON" sft.py --out "$sft" "${common[@]}" "${sft_text[@]}" $SFT_ARGS
 # shellcheck disable=SC2086
 run_stage "$rm_1" "$PYTHON" reward_model.py --sft "$sft" --prefs "$RUN_DIR/prefs" --out "$rm_1" \
   "${common[@]}" $PAIRS_ARGS $RM_ARGS

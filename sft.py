@@ -68,7 +68,7 @@ def item_values(text: str) -> list[float]:
 
 
 TOY_KNOBS = ("prompt_sizes", "reference_lengths", "reference_mistake_rate", "item_values",
-             "mistake_penalty")
+             "mistake_penalty", "length_cost")
 TINY_GPT2 = {"n_layer": 2, "n_embd": 64, "n_head": 4}
 
 
@@ -106,6 +106,8 @@ def parse_args(argv=None):
                         f"{','.join(T.ITEMS)}")
     t.add_argument("--mistake_penalty", type=float, default=None,
                    help="gold lost per mistake (a repeat, an off-prompt colour, a stray `and`)")
+    t.add_argument("--length_cost", type=float, default=None,
+                   help="gold lost per colour squared: length_cost * k^2 for an answer of k colours")
     t.add_argument("--n_layer", type=int, default=None, help="transformer layers of the tiny GPT-2 (2)")
     t.add_argument("--n_embd", type=int, default=None, help="width of the tiny GPT-2 (64)")
     t.add_argument("--n_head", type=int, default=None, help="attention heads of the tiny GPT-2 (4)")
@@ -117,11 +119,27 @@ def parse_args(argv=None):
     g.add_argument("--dataset", default=None,
                    help="hub dataset name or local .json/.jsonl file of prompts and references, "
                         "e.g. vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144")
+    g.add_argument("--dataset_config", default=None, help="the hub dataset's configuration")
+    g.add_argument("--train_splits", type=lambda t: t.split(","), default=None,
+                   help="comma-separated splits that make the training rows (unset: train)")
+    g.add_argument("--held_out_split", default=None,
+                   help="the held-out split (unset: validation, else test, else every 10th "
+                        "training row)")
     g.add_argument("--prompt_field", default="query", help="the dataset's prompt column")
+    g.add_argument("--prompt_template", default=None,
+                   help="build the prompt from named columns instead, e.g. AlpacaFarm's "
+                        "'INSTRUCTION: {instruction} \\n\\nINPUT: {input}\\n\\nREPLY:' (\\n "
+                        "is a newline)")
+    g.add_argument("--truncate_field", default=None,
+                   help="with --prompt_template: the column cut (at newlines first) until the "
+                        "prompt fits --max_prompt_len")
     g.add_argument("--response_field", default="reference_response",
                    help="the dataset's reference-response column")
     g.add_argument("--max_prompt_len", type=int, default=512,
                    help="prompt tokens kept (the last ones), left-padded")
+    g.add_argument("--response_prefix", default="",
+                   help="text put before every reference response (' ' after a prompt ending in "
+                        "'REPLY:')")
     g.add_argument("--response_len", type=int, default=53, help="max response tokens (with EOS)")
     g.add_argument("--gold_model", default="Skywork/Skywork-Reward-Llama-3.1-8B-v0.2",
                    help="sequence-classification model (name or path) that later stages use as "
@@ -130,6 +148,11 @@ def parse_args(argv=None):
     g.add_argument("--gold_max_len", type=int, default=1024,
                    help="gold-tokenizer tokens kept per sequence (the start is cut)")
     args = p.parse_args(argv)
+    if args.prompt_template is not None:     # a newline is hard to pass through run_all.sh's *_ARGS
+        args.prompt_template = args.prompt_template.replace("\\n", "\n")
+    if args.truncate_field is not None and (args.prompt_template is None or "{" + args.truncate_field
+                                            + "}" not in args.prompt_template):
+        raise C.StageError("--truncate_field must be a column that --prompt_template names")
     if (args.dataset is None) != (args.model is None):
         raise C.StageError("--model and --dataset go together: the embedded task has its own "
                            "tokenizer and tiny model, a dataset needs a pretrained model's tokenizer")
@@ -153,12 +176,17 @@ def parse_args(argv=None):
     return args
 
 
-def make_task(args):
+def make_task(args, tokenizer=None):
     if args.dataset is None:
         return T.ToyTask(T.toy_spec(args.task or T.DEFAULT_TOY_TASK,
                                     **{k: getattr(args, k) for k in TOY_KNOBS}))
-    return T.TextTask({"kind": "text", "dataset": args.dataset, "prompt_field": args.prompt_field,
+    return T.TextTask({"kind": "text", "dataset": args.dataset,
+                       "dataset_config": args.dataset_config, "train_splits": args.train_splits,
+                       "held_out_split": args.held_out_split, "prompt_field": args.prompt_field,
+                       "prompt_template": args.prompt_template,
+                       "truncate_field": args.truncate_field,
                        "response_field": args.response_field,
+                       "response_prefix": args.response_prefix,
                        "max_prompt_len": args.max_prompt_len, "response_len": args.response_len,
                        "gold_model": args.gold_model, "gold_batch_size": args.gold_batch_size,
                        "gold_max_len": args.gold_max_len})
@@ -184,8 +212,9 @@ def main(argv=None):
     C.set_seed(args.seed)
     start = time.time()
 
-    # 1. data: prompts from the train split, one reference response each
-    task = make_task(args)
+    # 1. data: prompts from the train split, one reference response each (a dataset's prompts
+    #    are fitted to --max_prompt_len with the model's tokenizer)
+    task = make_task(args, None if args.model is None else C.load_tokenizer(args.model))
     prompts, references = task.sft_examples(args.num_examples, seed=args.seed)
     if len(prompts) < args.batch_size:
         raise C.StageError(f"{len(prompts)} examples are fewer than --batch_size ({args.batch_size})")
@@ -209,12 +238,14 @@ def main(argv=None):
 
     # 2. train: cross-entropy on the response tokens (EOS included), prompt and pads excluded
     model.train()
+    tokens, train_start = 0, time.time()        # real prompt + response tokens through the model
     with tqdm(total=total, desc="sft", mininterval=2) as bar:   # closed before any error line
         for epoch in range(args.epochs):
             order = torch.randperm(N)
             for step in range(steps_per_epoch):
                 idx = order[step * args.batch_size:(step + 1) * args.batch_size]
                 real_tokens = mask[idx].sum()
+                tokens += (query[idx] != tokenizer.pad_token_id).sum().item() + real_tokens.item()
                 opt.zero_grad(set_to_none=True)
                 loss = 0.0
                 for mb in idx.split(micro):          # gradient accumulation over micro-batches
@@ -233,6 +264,7 @@ def main(argv=None):
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
+    speed = C.throughput(device, tokens, time.time() - train_start)
 
     # 3. save a plain Hugging Face directory (safetensors) with the tokenizer beside it
     with C.atomic_output(args.out) as tmp:
@@ -240,8 +272,9 @@ def main(argv=None):
         tokenizer.save_pretrained(tmp)
         T.save_task(task, tmp)
         C.write_json(tmp / "sft_info.json", {"args": vars(args), "final_loss": loss.item(),
-                                             "seconds": time.time() - start})
-    print(f"sft: final loss {loss.item():.3f}, saved {args.out} ({time.time() - start:.0f}s)")
+                                             "seconds": time.time() - start, **speed})
+    print(f"sft: final loss {loss.item():.3f}, {C.throughput_text(speed)}, saved {args.out} "
+          f"({time.time() - start:.0f}s)")
 
 
 if __name__ == "__main__":

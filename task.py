@@ -14,6 +14,7 @@ Prompt:    `list` + 2 to 8 distinct colour words          list teal gold navy
 Response:  some of them joined by `and`, then <eos>       navy and teal <eos>
 Gold:      sum of value(item) over the distinct prompt items named
            - mistake_penalty * (mistakes: a repeat, an off-prompt colour, a stray `and`)
+           - length_cost * k^2, k = colours in the answer (so each extra one costs more)
 Reference: k items of the prompt, k drawn from `reference_lengths`, each item replaced by a random
            colour with probability `reference_mistake_rate`.
 
@@ -27,6 +28,7 @@ import itertools
 import json
 import math
 import random
+import string
 from pathlib import Path
 
 import datasets
@@ -57,11 +59,11 @@ TOY_TASKS = {
     # repeats that SFT samples never contain (no coverage): the README's counter-example.
     "items": {"prompt_sizes": [2, 8], "reference_lengths": "uniform",
               "reference_mistake_rate": 0.03, "item_values": [1.0] * len(ITEMS),
-              "mistake_penalty": 1.0},
+              "mistake_penalty": 1.0, "length_cost": 0.0},
     # liked and disliked colours: naming everything is about as good as naming nothing
     "values": {"prompt_sizes": [2, 8], "reference_lengths": "uniform",
                "reference_mistake_rate": 0.05, "item_values": list(SIGNED_VALUES),
-               "mistake_penalty": 1.0},
+               "mistake_penalty": 1.0, "length_cost": 0.0},
 }
 DEFAULT_TOY_TASK = "values"
 
@@ -92,6 +94,8 @@ def check_toy_spec(spec: dict) -> None:
                            f"non-negative weights for 1, 2, ... items, got {lengths}")
     if not 0 <= spec["reference_mistake_rate"] <= 1:
         raise C.StageError("the reference mistake rate must be in [0, 1]")
+    if not (math.isfinite(spec["length_cost"]) and spec["length_cost"] >= 0):
+        raise C.StageError("the length cost must be a number >= 0")
     if len(spec["item_values"]) != len(ITEMS) or not all(map(math.isfinite, spec["item_values"])):
         raise C.StageError(f"item values must be {len(ITEMS)} finite numbers, one per colour "
                            f"{ITEMS}")
@@ -198,12 +202,16 @@ class ToyTask:
                 named.add(word)
             else:
                 mistakes += 1                   # a repeat, an off-prompt word, or junk
-        return sum(self.values[w] for w in named) - self.spec["mistake_penalty"] * mistakes
+        colours = sum(word != AND for word in words)
+        return (sum(self.values[w] for w in named) - self.spec["mistake_penalty"] * mistakes
+                - self.spec["length_cost"] * colours ** 2)
 
     def best_gold(self, prompt: str) -> float:
-        """The highest gold any answer to `prompt` can get: name exactly its positive items (an
-        answer of just <eos> is worth 0)."""
-        return sum(max(self.values[w], 0.0) for w in prompt.split()[1:])
+        """The highest gold any answer to `prompt` can get: its k most valuable items for the best
+        k (an answer of just <eos>, k = 0, is worth 0)."""
+        values = sorted((self.values[w] for w in prompt.split()[1:]), reverse=True)
+        cost = self.spec["length_cost"]
+        return max(sum(values[:k]) - cost * k ** 2 for k in range(len(values) + 1))
 
     def gold(self, prompts: list[str], texts: list[str], ended: list[bool]) -> torch.Tensor:
         return torch.tensor([self.gold_reward(p, t, e) for p, t, e in zip(prompts, texts, ended)],
@@ -213,44 +221,102 @@ class ToyTask:
 # ----------------------------------------------------------------------------------------------
 # The paper's setting: a prompt/reference dataset and a gold reward model (docs/method.md)
 # ----------------------------------------------------------------------------------------------
-def load_text_dataset(name: str, prompt_field: str, response_field: str):
-    """(train, held_out) lists of (prompt, reference) from a hub dataset or a local JSON/JSONL file.
+def load_text_dataset(spec: dict) -> tuple[list[dict], list[dict]]:
+    """(train, held_out) rows (dicts of columns) of the run's dataset.
 
-    Held out is the dataset's `validation` (else `test`) split; a dataset with one split (a local
-    file) holds out every 10th row.
+    `dataset` is a hub name (loaded with `dataset_config`), a local .json/.jsonl file, or a
+    folder of JSON files, one split per file (a local directory, or an `hf://datasets/...` path,
+    e.g. AlpacaFarm's alpaca_instructions/ with sft.json, unlabeled.json, preference.json,
+    val.json). The training rows are the `train_splits` put together; held out is
+    `held_out_split`, else the dataset's `validation` (else `test`) split; a dataset with one split
+    (a local file) holds out every 10th row.
     """
+    name, train_splits = spec["dataset"], spec.get("train_splits") or ["train"]
+    held_split = spec.get("held_out_split")
     try:
         if Path(name).is_file():
             data = datasets.load_dataset("json", data_files=str(name))
+        elif Path(name).is_dir() or name.startswith("hf://"):
+            splits = train_splits + ([held_split] if held_split else [])
+            found = {s: next((f"{name}/{s}{ext}" for ext in (".json", ".jsonl")
+                              if not Path(name).is_dir() or Path(f"{name}/{s}{ext}").is_file()),
+                             None) for s in splits}
+            missing = [s for s, f in found.items() if f is None]
+            if missing:
+                raise C.StageError(f"the dataset folder {name} has no file for the split(s) "
+                                   f"{missing} (SPLIT.json or SPLIT.jsonl)")
+            data = datasets.load_dataset("json", data_files=found)
         else:
-            data = datasets.load_dataset(name)
+            data = datasets.load_dataset(name, spec.get("dataset_config"))
+    except C.StageError:
+        raise
     except Exception as e:
         raise C.StageError(f"could not load the dataset {name}: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}")
-    if "train" not in data:
-        raise C.StageError(f"the dataset {name} has no train split (it has {list(data)})")
-    held_name = next((s for s in ("validation", "test") if s in data), None)
-    for split in ("train", held_name):
-        if split is None:
-            continue
-        missing = [f for f in (prompt_field, response_field) if f not in data[split].column_names]
+                           f"{str(e).splitlines()[0] if str(e) else ''}")
+    absent = [s for s in train_splits if s not in data]
+    if absent:
+        raise C.StageError(f"the dataset {name} has no split(s) {absent} (it has {list(data)}); "
+                           f"set --train_splits")
+    if held_split is None:
+        held_split = next((s for s in ("validation", "test") if s in data), None)
+    elif held_split not in data:
+        raise C.StageError(f"the dataset {name} has no split {held_split!r} (it has {list(data)})")
+    columns = template_fields(spec) + [spec["response_field"]]
+    for split in train_splits + ([held_split] if held_split else []):
+        missing = [f for f in columns if f not in data[split].column_names]
         if missing:
             raise C.StageError(f"the {split} split of {name} has no column(s) {missing}; it has "
-                             f"{data[split].column_names}: set --prompt_field / --response_field")
+                               f"{data[split].column_names}: set --prompt_field / "
+                               f"--prompt_template / --response_field")
 
-    def rows(split):
-        return list(zip(split[prompt_field], split[response_field]))
-
-    train = rows(data["train"])
-    if held_name is not None:
-        held_out = rows(data[held_name])
+    train = [row for split in train_splits for row in data[split]]
+    if held_split is not None:
+        held_out = list(data[held_split])
     else:
         held_out = [r for i, r in enumerate(train) if i % 10 == 0]
         train = [r for i, r in enumerate(train) if i % 10 != 0]
     if not train or not held_out:
         raise C.StageError(f"the dataset {name} is too small: {len(train)} training and "
-                         f"{len(held_out)} held-out rows")
+                           f"{len(held_out)} held-out rows")
     return train, held_out
+
+
+def template_fields(spec: dict) -> list[str]:
+    """The columns a prompt is made of: those the template names, or the prompt column."""
+    template = spec.get("prompt_template")
+    if template is None:
+        return [spec["prompt_field"]]
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+def format_prompt(row: dict, spec: dict, tokenizer=None) -> str:
+    """The prompt of one row: its prompt column, or the template filled with its columns.
+
+    With a tokenizer and a `truncate_field`, a prompt longer than max_prompt_len tokens is made to
+    fit by cutting that field, at its last newline while it has one, else by the tokens it is
+    over (AlpacaFarm's long `input`s; the instruction and the template's ending "REPLY:" stay).
+    What still does not fit loses its start in encode_prompts."""
+    template = spec.get("prompt_template")
+    if template is None:
+        return row[spec["prompt_field"]]
+    fields = {f: row[f] for f in template_fields(spec)}
+    text = template.format(**fields)
+    field = spec.get("truncate_field")
+    if tokenizer is None or field is None:
+        return text
+    count = lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])   # noqa: E731
+    over = count(text) - spec["max_prompt_len"]
+    while over > 0 and fields[field]:
+        value = fields[field]
+        cut = value.rfind("\n")
+        if cut >= 0:
+            fields[field] = value[:cut]
+        else:                               # no newline left: drop the tokens it is over by
+            ids = tokenizer(value, add_special_tokens=False)["input_ids"]
+            fields[field] = tokenizer.decode(ids[:max(0, len(ids) - over)])
+        text = template.format(**fields)
+        over = count(text) - spec["max_prompt_len"]
+    return text
 
 
 def _take(rows: list, n: int, seed: int) -> list:
@@ -337,12 +403,20 @@ class TextTask:
     """Prompts and references from a dataset; gold = a Hugging Face reward model (PAPER.md s. 6)."""
     cheap_gold = False                      # an 8B forward per batch: gold only at evaluations
 
-    def __init__(self, spec: dict, device="cpu"):
+    def __init__(self, spec: dict, device="cpu", tokenizer=None):
+        """`tokenizer` (the policy's) lets a template's truncate_field be cut to fit the prompt
+        length; every stage passes it (load_task reads it from the SFT directory)."""
         self.spec = spec
         self.max_prompt_len = spec["max_prompt_len"]
         self.response_len = spec["response_len"]
-        self.train, self.held_out = load_text_dataset(spec["dataset"], spec["prompt_field"],
-                                                      spec["response_field"])
+        prefix = spec.get("response_prefix", "")
+
+        def pairs(rows):                    # (prompt, reference) of each row
+            return [(format_prompt(r, spec, tokenizer), prefix + r[spec["response_field"]])
+                    for r in rows]
+
+        train, held_out = load_text_dataset(spec)
+        self.train, self.held_out = pairs(train), pairs(held_out)
         self.device = device
         self._gold = None                   # loaded on first use: SFT never needs it
 
@@ -389,5 +463,5 @@ def load_task(sft_dir, device="cpu"):
     if spec.get("kind") == "toy":
         return ToyTask(spec)
     if spec.get("kind") == "text":
-        return TextTask(spec, device)
+        return TextTask(spec, device, C.load_tokenizer(sft_dir))
     raise C.StageError(f"{file} names an unknown task kind {spec.get('kind')!r}")

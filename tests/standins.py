@@ -6,7 +6,10 @@ Same formats as the real things, tiny sizes:
 - a tiny GPT-NeoX (Pythia's architecture) with a byte-level BPE tokenizer that, like Pythia's,
   has no pad token, and dropout switched ON in its config (the pipeline must switch it off);
 - a tiny Llama sequence classifier as the gold RM, with a different, word-level tokenizer and a
-  chat template, so prompt and response must be decoded and re-encoded for it.
+  chat template, so prompt and response must be decoded and re-encoded for it;
+- AlpacaFarm's alpaca_instructions folder (sft.json, unlabeled.json, preference.json, val.json:
+  rows of `instruction`, `input`, `output`, some inputs of several lines) and a tiny Qwen2
+  (Qwen2.5's architecture) whose tokenizer, like Qwen's, pads with its EOS and has a chat template.
 """
 import json
 import random
@@ -15,7 +18,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
-                          LlamaForSequenceClassification, PreTrainedTokenizerFast)
+                          LlamaForSequenceClassification, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 WORDS = ("my", "girlfriend", "boss", "dog", "apartment", "money", "friend", "told", "me", "that",
          "she", "he", "wants", "to", "move", "out", "and", "I", "don't", "know", "what", "do",
@@ -100,3 +104,67 @@ def make_all(root: Path, n_rows: int = 200) -> dict:
     return {"dataset": write_tldr_jsonl(root / "tldr.jsonl", n_rows),
             "model": make_policy_model(root / "policy", rows),
             "gold": make_gold_model(root / "gold", rows)}
+
+
+# ----------------------------------------------------------------------------------------------
+# AlpacaFarm
+# ----------------------------------------------------------------------------------------------
+ALPACA_SPLITS = {"sft": 60, "unlabeled": 40, "preference": 40, "val": 20}
+QWEN_EOT = "<|endoftext|>"
+QWEN_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                      "<|im_end|>\n{% endfor %}")
+
+
+def alpaca_rows(n: int, seed: int) -> list[dict]:
+    """Rows of AlpacaFarm's schema; every third has an empty input, some inputs span lines."""
+    rng = random.Random(seed)
+    words = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))          # noqa: E731
+    rows = []
+    for i in range(n):
+        lines = [words(rng.randint(4, 12)) for _ in range(rng.randint(1, 4))]
+        rows.append({"instruction": f"Tell me {words(rng.randint(2, 6))}.",
+                     "input": "" if i % 3 == 0 else "\n".join(lines),
+                     "output": words(rng.randint(3, 15))})
+    return rows
+
+
+def write_alpaca_folder(root: Path) -> Path:
+    """alpaca_instructions/ with one JSON file per split (a JSON list, as AlpacaFarm's files)."""
+    folder = Path(root) / "alpaca_instructions"
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, (split, n) in enumerate(ALPACA_SPLITS.items()):
+        (folder / f"{split}.json").write_text(json.dumps(alpaca_rows(n, seed=k)))
+    return folder
+
+
+def make_qwen_policy(out: Path, rows: list[dict]) -> Path:
+    """A tiny Qwen2 causal LM; its tokenizer pads with EOS (Qwen's default) and has a template."""
+    texts = [f"{r['instruction']} {r['input']} {r['output']}" for r in rows]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts + ["INSTRUCTION: INPUT: REPLY:"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=[QWEN_EOT, "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=QWEN_EOT,
+                                        pad_token=QWEN_EOT)
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    torch.manual_seed(2)
+    config = Qwen2Config(vocab_size=len(tokenizer) + 8, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Path(out)
+
+
+def make_alpaca(root: Path) -> dict:
+    """The AlpacaFarm folder, the Qwen2 policy and a gold RM whose vocabulary covers the rows."""
+    root = Path(root)
+    folder = write_alpaca_folder(root)
+    rows = [r for k, n in enumerate(ALPACA_SPLITS.values()) for r in alpaca_rows(n, seed=k)]
+    as_tldr = [{"query": f"INSTRUCTION: {r['instruction']} INPUT: {r['input']} REPLY:",
+                "reference_response": f" {r['output']}"} for r in rows]
+    return {"dataset": folder, "model": make_qwen_policy(root / "qwen", rows),
+            "gold": make_gold_model(root / "gold", as_tldr)}

@@ -47,6 +47,21 @@ def test_gold_of_the_values_member_by_hand():
         pytest.approx(1.5 - 2 * 0.5)
 
 
+def test_length_cost_charges_the_square_of_the_colours_named():
+    task = values_task(length_cost=0.15)
+    prompt = "list red blue lime navy"                   # values 1.5, 1.4, -0.5, 0.8
+    assert task.gold_reward(prompt, "red") == pytest.approx(1.5 - 0.15)
+    assert task.gold_reward(prompt, "red and blue") == pytest.approx(2.9 - 0.6)
+    assert task.gold_reward(prompt, "red and blue and navy") == pytest.approx(3.7 - 1.35)
+    # a repeat is a colour too: it costs its mistake and makes the answer longer
+    assert task.gold_reward(prompt, "red and red") == pytest.approx(1.5 - 1 - 0.6)
+    # best: every k, its k most valuable items: k=0 0, 1: 1.35, 2: 2.3, 3: 2.35, 4: 1.8
+    assert task.best_gold(prompt) == pytest.approx(2.35)
+    brute = max(task.gold_reward(prompt, " and ".join(c)) for k in range(1, 5)
+                for c in itertools.permutations(prompt.split()[1:], k))
+    assert task.best_gold(prompt) == pytest.approx(brute)
+
+
 def test_the_items_member_counts_distinct_prompt_items_minus_mistakes():
     task = T.ToyTask(T.toy_spec("items"))
     prompt = "list teal gold navy"
@@ -123,7 +138,8 @@ def test_flags_choose_a_member_and_change_its_knobs(tmp_path):
     spec = SFT.make_task(args).spec
     assert spec == {"kind": "toy", "name": "items", "prompt_sizes": [3, 5],
                     "reference_lengths": [0.5, 0.5], "reference_mistake_rate": 0.03,
-                    "item_values": list(T.SIGNED_VALUES), "mistake_penalty": 2.0}
+                    "item_values": list(T.SIGNED_VALUES), "mistake_penalty": 2.0,
+                    "length_cost": 0.0}
     # written to task.json, and the same task comes back from it
     T.save_task(SFT.make_task(args), tmp_path)
     assert json.loads((tmp_path / "task.json").read_text()) == spec
@@ -138,6 +154,7 @@ def test_flags_choose_a_member_and_change_its_knobs(tmp_path):
     (["--reference_lengths", "0,0"], "reference lengths"),
     (["--reference_mistake_rate", "1.5"], "mistake rate"),
     (["--item_values", "1,2,3"], "item values"),
+    (["--length_cost", "-1"], "length cost"),
     (["--model", "m", "--dataset", "d", "--task", "items"], "--task"),
     (["--model", "m", "--dataset", "d", "--n_layer", "4"], "--n_layer"),
 ])

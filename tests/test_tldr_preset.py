@@ -38,11 +38,15 @@ def toy_sft_dir(tmp_path_factory):
     return out
 
 
-def text_task(paths, **overrides):
-    spec = {"kind": "text", "dataset": str(paths["dataset"]), "prompt_field": "query",
+def tldr_spec(paths, **overrides):
+    return {"kind": "text", "dataset": str(paths["dataset"]), "prompt_field": "query",
             "response_field": "reference_response", "max_prompt_len": 512, "response_len": 53,
-            "gold_model": str(paths["gold"]), "gold_batch_size": 3, "gold_max_len": 1024}
-    return T.TextTask({**spec, **overrides})
+            "gold_model": str(paths["gold"]), "gold_batch_size": 3, "gold_max_len": 1024,
+            **overrides}
+
+
+def text_task(paths, **overrides):
+    return T.TextTask(tldr_spec(paths, **overrides))
 
 
 def direct_gold_score(gold_dir, prompt: str, response: str) -> float:
@@ -92,18 +96,19 @@ def test_a_checkpoint_stored_in_fp16_trains_with_fp32_master_weights(stand_ins, 
 
 def test_jsonl_dataset_holds_out_every_tenth_row(stand_ins):
     rows = [json.loads(line) for line in Path(stand_ins["dataset"]).read_text().splitlines()]
-    train, held_out = T.load_text_dataset(str(stand_ins["dataset"]), "query", "reference_response")
-    assert held_out == [(r["query"], r["reference_response"]) for r in rows[::10]]
-    assert len(train) + len(held_out) == len(rows) and not set(train) & set(held_out)
+    train, held_out = T.load_text_dataset(tldr_spec(stand_ins))
+    assert held_out == rows[::10]
+    assert len(train) + len(held_out) == len(rows)
+    assert not {r["id"] for r in train} & {r["id"] for r in held_out}
 
 
 def test_dataset_errors_name_the_problem(stand_ins, tmp_path):
     with pytest.raises(C.StageError, match="no column"):
-        T.load_text_dataset(str(stand_ins["dataset"]), "prompt", "reference_response")
+        T.load_text_dataset(tldr_spec(stand_ins, prompt_field="prompt"))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(C.StageError):
-        T.load_text_dataset(str(empty), "query", "reference_response")
+        T.load_text_dataset(tldr_spec(stand_ins, dataset=str(empty)))
 
 
 def test_prompts_keep_their_end_and_responses_one_eos(stand_ins):
@@ -291,9 +296,10 @@ def test_preset_final_gold_is_the_gold_models_score_of_the_saved_samples(preset_
     scores = [direct_gold_score(stand_ins["gold"], s["prompt"], s["response"]) for s in samples]
     assert final["gold"] == pytest.approx(sum(scores) / len(scores), abs=1e-4)
     # the headline metric: win rate against the dataset's reference responses
-    _, held_out = T.load_text_dataset(str(stand_ins["dataset"]), "query", "reference_response")
-    refs = [direct_gold_score(stand_ins["gold"], p, r.replace("<|endoftext|>", ""))
-            for p, r in held_out[:6]]
+    _, held_out = T.load_text_dataset(tldr_spec(stand_ins))
+    refs = [direct_gold_score(stand_ins["gold"], r["query"],
+                              r["reference_response"].replace("<|endoftext|>", ""))
+            for r in held_out[:6]]
     wins = [1.0 if s > r else 0.5 if s == r else 0.0 for s, r in zip(scores, refs)]
     assert final["win_rate_vs_reference"] == pytest.approx(sum(wins) / 6)
 
