@@ -175,16 +175,21 @@ def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def response_logprob_sums(model, query, response, pad_id, eos_id, temperature: float = 1.0):
+    """sum_t log pi(y_t | x, y_<t) over real response tokens (EOS included), float32: (B,).
+    With gradients (DPO trains on it); sequence_logprobs is the same in no-grad batches."""
+    logp = gather_logprobs(response_logits(model, query, response, pad_id, eos_id, temperature),
+                           response)                                                  # (B, R)
+    return (logp * response_mask(response, eos_id)).sum(dim=1)
+
+
 @torch.inference_mode()
 def sequence_logprobs(model, query, response, pad_id, eos_id, temperature: float = 1.0,
                       batch_size: int = 256) -> torch.Tensor:
-    """sum_t log pi(y_t | x, y_<t) over real response tokens (EOS included), float32: (B,)."""
-    out = []
-    for i in range(0, len(query), batch_size):
-        q, r = query[i:i + batch_size], response[i:i + batch_size]
-        logp = gather_logprobs(response_logits(model, q, r, pad_id, eos_id, temperature), r)
-        out.append((logp * response_mask(r, eos_id)).sum(dim=1))
-    return torch.cat(out)
+    """response_logprob_sums in batches, no gradients (the density ratios' l_sft and l_k): (B,)."""
+    return torch.cat([response_logprob_sums(model, query[i:i + batch_size],
+                                            response[i:i + batch_size], pad_id, eos_id, temperature)
+                      for i in range(0, len(query), batch_size)])
 
 
 def last_token_index(query: torch.Tensor, response: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -302,6 +307,65 @@ def decode_responses(tokenizer, response: torch.Tensor, eos_id: int) -> tuple[li
         words = [t for t, keep in zip(row, m) if keep and t != eos_id]
         texts.append(tokenizer.decode(words))
     return texts, has_eos(response, eos_id).tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation on the fixed held-out prompts: one protocol for every arm (PPO stages and DPO/WPO)
+# ----------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def evaluate(policy, sft, rm, tokenizer, task, prompts, query, temperature: float, batch_size: int,
+             no_eos_score: float, stage: str, step: int | None = None, seed: int = 0):
+    """Gold, proxy and KL to SFT of `policy` on the held-out prompts (fixed sampling seed).
+
+    Returns (stats, per-prompt gold, response texts)."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    gen = torch.Generator(device=query.device).manual_seed(seed)
+    response, logp, logp_sft, proxy = [], [], [], []
+    for q in query.split(batch_size):
+        r, lp = sample(policy, q, pad, eos, task.response_len, temperature, gen, stage, step)
+        m = response_mask(r, eos)
+        logp_sft.append(gather_logprobs(response_logits(sft, q, r, pad, eos, temperature), r) * m)
+        proxy.append(score_responses(rm, q, r, pad, eos, no_eos_score))
+        response.append(r)
+        logp.append(lp)
+    response, logp, logp_sft = torch.cat(response), torch.cat(logp), torch.cat(logp_sft)
+    texts, ended = decode_responses(tokenizer, response, eos)
+    gold = task.gold(prompts, texts, ended)
+    return {
+        "gold": gold.mean().item(),
+        # how far another held-out set of this size could move the mean: std over prompts / sqrt(n)
+        "gold_se": std_err_or_none(gold.tolist()),
+        "proxy": torch.cat(proxy).mean().item(),
+        "kl_to_sft": (logp - logp_sft).sum(dim=1).mean().item(),
+        "response_length": response_mask(response, eos).sum(dim=1).float().mean().item(),
+    }, gold, texts
+
+
+def final_evaluation(policy, sft, rm, tokenizer, task, prompts, references, query,
+                     kl_to_sft: float, batch_size: int, no_eos_score: float, stage: str) -> dict:
+    """final.json: near-greedy (T = 0.01) gold and proxy, gold win rates against the SFT policy's
+    near-greedy responses and against the references (the paper's headline metric; ties count
+    half), `kl_to_sft` as measured on the last T = 0.7 evaluation, samples, per-prompt gold."""
+    final, gold_policy, texts = evaluate(policy, sft, rm, tokenizer, task, prompts, query, 0.01,
+                                         batch_size, no_eos_score, stage)
+    sft_final, gold_sft, _ = evaluate(sft, sft, rm, tokenizer, task, prompts, query, 0.01,
+                                      batch_size, no_eos_score, stage)
+    # the references as the policy would have written them: our tokens (<= R), decoded
+    eos = tokenizer.eos_token_id
+    ref_texts, ref_ended = decode_responses(
+        tokenizer, encode_responses(tokenizer, references, task.response_len), eos)
+    gold_reference = task.gold(prompts, ref_texts, ref_ended)
+    win_rate = lambda a, b: ((a > b).float() + 0.5 * (a == b).float()).mean().item()  # noqa: E731
+    final["win_rate_vs_sft"] = win_rate(gold_policy, gold_sft)
+    final["win_rate_vs_reference"] = win_rate(gold_policy, gold_reference)
+    final["kl_to_sft"] = kl_to_sft
+    final["sft"] = {"gold": sft_final["gold"], "gold_se": sft_final["gold_se"],  # same prompts
+                    "proxy": sft_final["proxy"],                                 # and the same RM
+                    "win_rate_vs_reference": win_rate(gold_sft, gold_reference)}
+    final["samples"] = [{"prompt": p, "response": t} for p, t in zip(prompts[:8], texts[:8])]
+    # per held-out prompt, in eval order: arms can be compared prompt by prompt (report.py)
+    final["gold_per_prompt"] = gold_policy.tolist()
+    return final
 
 
 # ----------------------------------------------------------------------------------------------

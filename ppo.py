@@ -165,35 +165,6 @@ def token_values(value_model, query, response, pad, eos):
     return C.head_scores(value_model, query, response, pad, eos)[:, P - 1:-1]   # (B, R)
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation on the fixed held-out prompts
-# ----------------------------------------------------------------------------------------------
-@torch.inference_mode()
-def evaluate(policy, sft, rm, tokenizer, task, prompts, query, args, temperature, update, seed=0):
-    """Gold, proxy and KL to SFT of `policy` on the held-out prompts (fixed sampling seed)."""
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    gen = torch.Generator(device=query.device).manual_seed(seed)
-    response, logp, logp_sft, proxy = [], [], [], []
-    for q in query.split(args.forward_batch_size):
-        r, lp = C.sample(policy, q, pad, eos, task.response_len, temperature, gen, "ppo", update)
-        m = C.response_mask(r, eos)
-        logp_sft.append(C.gather_logprobs(C.response_logits(sft, q, r, pad, eos, temperature), r) * m)
-        proxy.append(C.score_responses(rm, q, r, pad, eos, args.no_eos_score))
-        response.append(r)
-        logp.append(lp)
-    response, logp, logp_sft = torch.cat(response), torch.cat(logp), torch.cat(logp_sft)
-    texts, ended = C.decode_responses(tokenizer, response, eos)
-    gold = task.gold(prompts, texts, ended)
-    return {
-        "gold": gold.mean().item(),
-        # how far another held-out set of this size could move the mean: std over prompts / sqrt(n)
-        "gold_se": C.std_err_or_none(gold.tolist()),
-        "proxy": torch.cat(proxy).mean().item(),
-        "kl_to_sft": (logp - logp_sft).sum(dim=1).mean().item(),
-        "response_length": C.response_mask(response, eos).sum(dim=1).float().mean().item(),
-    }, gold, texts
-
-
 def ppo_update(update, batch_prompts, policy, value_model, kl_ref, sft, rm, tokenizer, opt, sched,
                gen, args, task, train_policy: bool = True) -> dict:
     """One PPO update (steps 1-6 of the module docstring) on one batch of prompts; its log row.
@@ -348,8 +319,9 @@ def main(argv=None):
     metrics, curve = [], []
 
     def eval_point(update):
-        stats, *_ = evaluate(policy, sft, rm, tokenizer, task, ev_prompts, ev_query, args,
-                             args.temperature, update)
+        stats, *_ = C.evaluate(policy, sft, rm, tokenizer, task, ev_prompts, ev_query,
+                               args.temperature, args.forward_batch_size, args.no_eos_score,
+                               "ppo", update)
         curve.append({"update": update, "episodes": update * B, **stats})
 
     eval_point(0)
@@ -383,24 +355,9 @@ def main(argv=None):
 
     # 7. final evaluation: near-greedy decode; gold win rates against the SFT policy's near-greedy
     #    responses and against the dataset's reference responses (the paper's headline metric)
-    final, gold_policy, texts = evaluate(policy, sft, rm, tokenizer, task, ev_prompts, ev_query, args,
-                                         0.01, args.updates)
-    sft_final, gold_sft, _ = evaluate(sft, sft, rm, tokenizer, task, ev_prompts, ev_query, args, 0.01,
-                                      args.updates)
-    # the references as the policy would have written them: our tokens (<= R), decoded
-    ref_texts, ref_ended = C.decode_responses(
-        tokenizer, C.encode_responses(tokenizer, ev_references, task.response_len), eos)
-    gold_reference = task.gold(ev_prompts, ref_texts, ref_ended)
-    win_rate = lambda a, b: ((a > b).float() + 0.5 * (a == b).float()).mean().item()  # noqa: E731
-    final["win_rate_vs_sft"] = win_rate(gold_policy, gold_sft)
-    final["win_rate_vs_reference"] = win_rate(gold_policy, gold_reference)
-    final["kl_to_sft"] = curve[-1]["kl_to_sft"]        # KL is measured on T = 0.7 samples
-    final["sft"] = {"gold": sft_final["gold"], "gold_se": sft_final["gold_se"],  # same prompts
-                    "proxy": sft_final["proxy"],                                 # and the same RM
-                    "win_rate_vs_reference": win_rate(gold_sft, gold_reference)}
-    final["samples"] = [{"prompt": p, "response": t} for p, t in zip(ev_prompts[:8], texts[:8])]
-    # per held-out prompt, in eval order: arms can be compared prompt by prompt (report.py)
-    final["gold_per_prompt"] = gold_policy.tolist()
+    final = C.final_evaluation(policy, sft, rm, tokenizer, task, ev_prompts, ev_references, ev_query,
+                               curve[-1]["kl_to_sft"], args.forward_batch_size, args.no_eos_score,
+                               "ppo")
 
     with C.atomic_output(args.out) as tmp:
         policy.save_pretrained(tmp)

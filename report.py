@@ -27,13 +27,14 @@ from pathlib import Path
 
 import common as C
 
-ALL_ARMS = ("standard_rlhf", "ppo_new_kl", "ocrm", "fresh_pairs")
-DEFAULT_ARMS = ("standard_rlhf", "ppo_new_kl", "ocrm")
-REFIT_ARMS = ("ocrm", "fresh_pairs")              # arms whose reward model is refitted each round
+ALL_ARMS = ("standard_rlhf", "ppo_new_kl", "ocrm", "dpo", "wpo", "fresh_pairs")
+DEFAULT_ARMS = ("standard_rlhf", "ppo_new_kl", "ocrm", "dpo", "wpo")
+OFFLINE_ARMS = ("dpo", "wpo")                     # one dpo.py stage on the stored pairs, no rounds
 # (arm, control): the differences reported, whenever both arms were run
-COMPARISONS = (("ocrm", "standard_rlhf"), ("ocrm", "ppo_new_kl"), ("fresh_pairs", "standard_rlhf"))
+COMPARISONS = (("ocrm", "standard_rlhf"), ("ocrm", "ppo_new_kl"), ("ocrm", "dpo"),
+               ("ocrm", "wpo"), ("fresh_pairs", "standard_rlhf"))
 LABELS = {"sft": "SFT", "standard_rlhf": "standard RLHF", "ppo_new_kl": "PPO + new KL",
-          "ocrm": "OCRM", "fresh_pairs": "fresh-pairs control"}
+          "ocrm": "OCRM", "dpo": "DPO", "wpo": "WPO", "fresh_pairs": "fresh-pairs control"}
 # what the final evaluation reports per arm (final.json), in report.json and the aggregate
 FINAL_KEYS = ("gold", "proxy", "kl_to_sft", "win_rate_vs_sft", "win_rate_vs_reference")
 GATE_SE = {1: 5, 2: 3, 3: 2, 4: 2}                # how many standard errors each gate asks for
@@ -71,6 +72,10 @@ def parse_args(argv=None):
 
 
 def stage_dirs(run_dir: Path, arm: str, rounds: int) -> list[Path]:
+    """The stages an arm's numbers come from, in order: round 1 (shared) and its rounds 2..K, or
+    the one dpo.py stage of an offline arm (its curve's `episodes` are pairs seen)."""
+    if arm in OFFLINE_ARMS:
+        return [run_dir / arm]
     return [run_dir / "ppo_1"] + [run_dir / arm / f"round_{k}" for k in range(2, rounds + 1)]
 
 
@@ -123,7 +128,8 @@ def overoptimization(curve: list[dict]) -> dict:
 
 def stage_seconds(run_dir: Path) -> dict:
     seconds = {}
-    for info in sorted(p for name in ("sft_info.json", "rm_info.json", "ppo_info.json")
+    for info in sorted(p for name in ("sft_info.json", "rm_info.json", "ppo_info.json",
+                                      "dpo_info.json")
                        for p in run_dir.rglob(name)):
         if info.parent.name.startswith("."):
             continue
@@ -264,14 +270,20 @@ def draw(curves: dict, sft_gold: float, episodes_per_round: int, rounds: int, pa
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    colours = dict(zip(ALL_ARMS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for arm, c in curves.items():
+        colour = colours[arm]
+        if arm in OFFLINE_ARMS:     # trained on pairs, not episodes: only gold against KL
+            axes[2].plot(c["kl"], c["gold"], "s--", ms=4, color=colour, label=f"{LABELS[arm]} "
+                         "(offline: its evaluations in training order)")
+            continue
         for ax, y, se in ((axes[0], c["gold"], c["gold_se"]), (axes[1], c["proxy"], c["proxy_se"])):
-            line, = ax.plot(c["episodes"], y, label=LABELS[arm])
+            ax.plot(c["episodes"], y, color=colour, label=LABELS[arm])
             if se is not None:
                 ax.fill_between(c["episodes"], [m - s for m, s in zip(y, se)],
-                                [m + s for m, s in zip(y, se)], color=line.get_color(), alpha=0.2)
-        axes[2].scatter(c["kl"], c["gold"], s=8, alpha=0.35, color=line.get_color())
-        axes[2].plot(*binned_mean(c["kl"], c["gold"]), "o-", ms=3, color=line.get_color(),
+                                [m + s for m, s in zip(y, se)], color=colour, alpha=0.2)
+        axes[2].scatter(c["kl"], c["gold"], s=8, alpha=0.35, color=colour)
+        axes[2].plot(*binned_mean(c["kl"], c["gold"]), "o-", ms=3, color=colour,
                      label=LABELS[arm])
     for ax in axes[:2]:
         for k in range(1, rounds):                                  # round boundaries
@@ -285,6 +297,7 @@ def draw(curves: dict, sft_gold: float, episodes_per_round: int, rounds: int, pa
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    axes[2].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -18,10 +18,12 @@
 #   RM_ARGS    extra RM-fit flags, used for RM_1 and every corrected RM alike, e.g. "--epochs 1"
 #   PPO_ARGS   extra flags for every ppo.py call      e.g. "--batch_size 32"
 #   OCRM_ARGS  extra weight flags for ocrm_correct.py e.g. "--lam 0.2 --normalize 1"
-#   ARMS="standard_rlhf ppo_new_kl ocrm"   the arms to run after round 1 (any subset, in any order),
-#              plus the optional control
+#   ARMS="standard_rlhf ppo_new_kl ocrm dpo wpo"   the arms to run (any subset, in any order):
+#     the three PPO arms above (rounds 2..ROUNDS after the shared round 1), the paper's offline
+#     baselines dpo and wpo (dpo.py on the stored pairs, once), and the optional control
 #     fresh_pairs  KL to pi_{k-1}, reward RM_k fitted on FRESH_PAIRS new gold-labelled pairs
 #                  sampled from pi_{k-1}, unweighted: what the weights imitate, with new labels
+#   DPO_ARGS   extra flags for dpo.py (both dpo and wpo) e.g. "--lr 1e-4"
 #   FRESH_PAIRS=10000
 #
 # The paper's setting on one GPU (README "Reproduce the paper on one GPU"): PRESET picks models,
@@ -128,13 +130,15 @@ PAIRS_ARGS=${PAIRS_ARGS:-}
 RM_ARGS=${RM_ARGS:-}
 PPO_ARGS=${PPO_ARGS:-}
 OCRM_ARGS=${OCRM_ARGS:-}
-ARMS=${ARMS:-standard_rlhf ppo_new_kl ocrm}
+ARMS=${ARMS:-standard_rlhf ppo_new_kl ocrm dpo wpo}
+DPO_ARGS=${DPO_ARGS:-}
 FRESH_PAIRS=${FRESH_PAIRS:-10000}
 read -r -a arms <<< "$ARMS"
 for arm in "${arms[@]}"; do
   case "$arm" in
-    standard_rlhf|ppo_new_kl|ocrm|fresh_pairs) ;;
-    *) echo "error: unknown arm '$arm' in ARMS; use standard_rlhf, ppo_new_kl, ocrm, fresh_pairs" >&2
+    standard_rlhf|ppo_new_kl|ocrm|fresh_pairs|dpo|wpo) ;;
+    *) echo "error: unknown arm '$arm' in ARMS; use standard_rlhf, ppo_new_kl, ocrm, dpo, wpo," \
+         "fresh_pairs" >&2
        exit 2 ;;
   esac
 done
@@ -146,7 +150,7 @@ fi
 # Presets: the paper's hyperparameters (PAPER.md sections 3-6) scaled to one GPU. Each *_PRESET
 # list goes before the user's *_ARGS, so a flag in *_ARGS overrides the preset's. sft_text holds
 # the one flag whose value has spaces (AlpacaFarm's prompt template), passed as one argument.
-SFT_PRESET="" PAIRS_PRESET="" RM_PRESET="" PPO_PRESET="" OCRM_PRESET="" sft_text=()
+SFT_PRESET="" PAIRS_PRESET="" RM_PRESET="" PPO_PRESET="" OCRM_PRESET="" DPO_PRESET="" sft_text=()
 case "${PRESET:-}" in
   "") RUN_NAME=toy ;;
   tldr|tldr_small|smoke|alpaca)
@@ -189,6 +193,9 @@ case "${PRESET:-}" in
     PPO_PRESET="--batch_size 64 --minibatches 2 --micro_batch_size $micro --lr 3e-6 --beta $beta
       --temperature 0.7 --eval_prompts $eval_prompts --eval_every 25 --forward_batch_size 32"
     OCRM_PRESET="--alpha 0.1 --lam $lam --diag_prompts $eval_prompts"
+    # DPO / WPO as the authors: beta 0.05, lr 3e-6 (cosine), 1 epoch over the pairs
+    DPO_PRESET="--beta 0.05 --lr 3e-6 --batch_size 64 --micro_batch_size $micro
+      --eval_prompts $eval_prompts --eval_every 100 --forward_batch_size 32"
     ;;
   *) echo "error: unknown PRESET '$PRESET'; use tldr, tldr_small, alpaca or smoke (or unset it" \
        "for the embedded task)" >&2; exit 2 ;;
@@ -236,8 +243,15 @@ ppo() {  # ppo OUT INIT KL_REF RM ROUND
 }
 ppo "$RUN_DIR/ppo_1" "$sft" "$sft" "$rm_1" 1
 
-# 4. rounds 2..ROUNDS of each arm, all starting from ppo_1
+# 4. rounds 2..ROUNDS of each arm, all starting from ppo_1; the offline arms in one stage each
 for arm in "${arms[@]}"; do
+  if [ "$arm" = dpo ] || [ "$arm" = wpo ]; then
+    # shellcheck disable=SC2086
+    run_stage "$RUN_DIR/$arm" "$PYTHON" dpo.py --sft "$sft" --prefs "$RUN_DIR/prefs" \
+      --reward_model "$rm_1" --out "$RUN_DIR/$arm" --wpo "$([ "$arm" = wpo ] && echo 1 || echo 0)" \
+      "${common[@]}" $DPO_PRESET $DPO_ARGS
+    continue
+  fi
   prev=$RUN_DIR/ppo_1 prev_rm=$rm_1
   for ((k = 2; k <= ROUNDS; k++)); do
     case "$arm" in

@@ -60,9 +60,9 @@ PIPELINE_ENV = {
 }
 # Stage output directories, in the order run_all.sh makes them
 STAGES = ["sft", "rm_1", "ppo_1", "standard_rlhf/round_2", "ppo_new_kl/round_2", "ocrm/rm_2",
-          "ocrm/round_2"]
+          "ocrm/round_2", "dpo", "wpo"]
 PPO_DIRS = ["ppo_1", "standard_rlhf/round_2", "ppo_new_kl/round_2", "ocrm/round_2"]
-POLICY_DIRS = ["sft"] + PPO_DIRS
+POLICY_DIRS = ["sft"] + PPO_DIRS + ["dpo", "wpo"]
 RM_DIRS = ["rm_1", "ocrm/rm_2"]
 PREF_COLUMNS = ["prompt", "chosen", "rejected", "gold_chosen", "gold_rejected",
                 "logp_sft_chosen", "logp_sft_rejected"]
@@ -277,9 +277,11 @@ def test_fresh_pairs_control_fits_on_new_labelled_samples_of_the_policy(run, tmp
 def test_report_has_every_arm_curve_weight_and_timing(run):
     report = run.report
     assert report["seed"] == 1
-    assert set(report["arms"]) == {"sft", "standard_rlhf", "ppo_new_kl", "ocrm"}
-    # each round adds UPDATES evaluation points, one per update (--eval_every 1)
+    assert set(report["arms"]) == {"sft", "standard_rlhf", "ppo_new_kl", "ocrm", "dpo", "wpo"}
+    # each round adds UPDATES evaluation points, one per update (--eval_every 1); DPO/WPO make one
+    # step of 64 pairs (116 training pairs) and are evaluated before and after it
     rounds_curve = [u * BATCH_SIZE for u in range(UPDATES * ROUNDS + 1)]
+    offline_curve = [0, 64]
     for arm, r in report["arms"].items():
         for key in ("gold", "gold_se", "proxy", "kl_to_sft", "win_rate_vs_sft",
                     "win_rate_vs_reference"):
@@ -289,8 +291,15 @@ def test_report_has_every_arm_curve_weight_and_timing(run):
         assert all(set(p) == {"episodes", "kl_to_sft", "proxy", "gold", "gold_se"}
                    for p in r["curve"])
         assert all(a < b for a, b in zip(episodes, episodes[1:])), (arm, episodes)
-        assert episodes == ([0] if arm == "sft" else rounds_curve), arm
-        if arm != "sft":   # the final numbers are those of the arm's last round
+        assert episodes == {"sft": [0], "dpo": offline_curve,
+                            "wpo": offline_curve}.get(arm, rounds_curve), arm
+        if arm in ("dpo", "wpo"):
+            final = json.loads((run.dir / arm / "final.json").read_text())
+            assert [r[k] for k in ("gold", "proxy", "kl_to_sft", "win_rate_vs_reference")] == \
+                [final[k] for k in ("gold", "proxy", "kl_to_sft", "win_rate_vs_reference")]
+            assert 0.0 <= final["heldout_preference_accuracy"] <= 1.0
+            assert [f["gold"] for f in r["stage_finals"]] == [final["gold"]]
+        elif arm != "sft":   # the final numbers are those of the arm's last round
             final = json.loads((run.dir / arm / f"round_{ROUNDS}" / "final.json").read_text())
             keys = ("gold", "proxy", "win_rate_vs_sft", "win_rate_vs_reference")
             assert [r[k] for k in keys] == [final[k] for k in keys]
@@ -448,10 +457,10 @@ def test_interrupted_stage_is_redone_and_nothing_else(run, tmp_path):
 # Everything a stage writes, in the order the run finishes them (prefs and weights_k are saved
 # inside the rm_1 and ocrm/rm_k stages, before those stages fit their reward models).
 OUTPUTS = ["sft", "prefs", "rm_1", "ppo_1", "standard_rlhf/round_2", "ppo_new_kl/round_2",
-           "ocrm/weights_2", "ocrm/rm_2", "ocrm/round_2"]
+           "ocrm/weights_2", "ocrm/rm_2", "ocrm/round_2", "dpo", "wpo"]
 # Files whose bytes hold wall-clock times; every other file of a run is byte-identical on CPU.
-TIMED_FILES = {"sft_info.json", "rm_info.json", "ppo_info.json", "metrics.jsonl", "report.json",
-               "report.md", "curves.png"}
+TIMED_FILES = {"sft_info.json", "rm_info.json", "ppo_info.json", "dpo_info.json", "metrics.jsonl",
+               "report.json", "report.md", "curves.png"}
 # Imported at start-up by every Python process of a run that is about to be killed (it is put on
 # PYTHONPATH): the stage that would rename `.NAME.tmp` to the output HOLD_BEFORE_RENAME names
 # sleeps instead. The test can then kill the run while `.NAME.tmp` is there (without the hold the

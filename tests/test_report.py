@@ -26,8 +26,8 @@ import report as R
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALL_ARMS = ("sft", "standard_rlhf", "ppo_new_kl", "ocrm")
-ROUNDS, EPISODES = 3, [0, 64, 128, 192, 256]
-ARMS_FLAG = "standard_rlhf ppo_new_kl ocrm"           # run_all.sh's default ARMS   # two evaluation points per round after the start
+ROUNDS, EPISODES = 3, [0, 64, 128, 192, 256]   # two evaluation points per round after the start
+ARMS_FLAG = "standard_rlhf ppo_new_kl ocrm dpo wpo"   # run_all.sh's default ARMS
 
 # Final near-greedy gold of each arm on each seed: OCRM beats standard RLHF on seeds 1 and 3 and
 # PPO + new KL on all three.
@@ -320,9 +320,9 @@ def test_seeds_run_the_pipeline_once_per_seed_in_turn_then_aggregate(tmp_path):
         [f"=== seed 3: {root}/toy-seed3", f"=== seed 1: {root}/toy-seed1",
          f"=== aggregate of 2 seeds: {root}/toy-aggregate"]
     stages = [line for line in lines if line.startswith("== ")]
-    assert len(stages) == 2 * 7                              # 7 stages per seed at ROUNDS=2
-    assert all(f"{root}/toy-seed3/" in line for line in stages[:7])
-    assert all(f"{root}/toy-seed1/" in line for line in stages[7:])
+    assert len(stages) == 2 * 9                              # 9 stages per seed at ROUNDS=2
+    assert all(f"{root}/toy-seed3/" in line for line in stages[:9])
+    assert all(f"{root}/toy-seed1/" in line for line in stages[9:])
     log = calls(tmp_path)
     assert log[0].startswith("sft.py") and "--seed 3" in log[0]
     assert [c for c in log if c.startswith("report.py")] == [
@@ -437,7 +437,7 @@ def test_arms_run_only_the_arms_asked_for_each_round_after_round_1(tmp_path):
                        f"--arms fresh_pairs standard_rlhf")
 
 
-@pytest.mark.parametrize("arms", ["standard_rlhf dpo", "ocrm ocrm", " "])
+@pytest.mark.parametrize("arms", ["standard_rlhf ppo", "ocrm ocrm", " "])
 def test_bad_arms_are_one_error_line_before_anything_runs(tmp_path, arms):
     proc = run_all(tmp_path, RUN_DIR=str(tmp_path / "one"), ARMS=arms)
     assert proc.returncode == 2, proc.stderr
