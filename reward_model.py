@@ -62,6 +62,9 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train_backbone", type=int, default=0,
                    help="1: fine-tune the SFT backbone with the head; 0: freeze it and fit only the "
                         "linear head (a deliberately misspecified RM)")
+    p.add_argument("--weight_decay", type=float, default=0.01,
+                   help="AdamW's decoupled weight decay (0.01, torch's default); larger shrinks the "
+                        "weights of features that barely vary in the pairs")
     p.add_argument("--train_last_blocks", type=int, default=0,
                    help="with --train_backbone 0: also fit the last K transformer blocks and the "
                         "final norm (between a linear head on frozen features and the whole RM)")
@@ -246,7 +249,8 @@ def fit_reward_model(sft_dir, task, data: datasets.Dataset, args, device, weight
     train_idx, held_idx = split_indices(len(data), args.heldout_fraction, args.seed)
 
     trained = [p for p in rm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trained, lr=args.lr, fused=True)           # one kernel, not a loop
+    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay,
+                            fused=True)                                 # one kernel, not a loop
     micro = args.micro_batch_size or args.batch_size
     steps_per_epoch = max(1, len(train_idx) // args.batch_size)
     total = steps_per_epoch * args.epochs

@@ -68,7 +68,7 @@ def item_values(text: str) -> list[float]:
 
 
 TOY_KNOBS = ("prompt_sizes", "reference_lengths", "reference_mistake_rate", "item_values",
-             "mistake_penalty", "length_cost")
+             "mistake_penalty", "length_cost", "separator")
 TINY_GPT2 = {"n_layer": 2, "n_embd": 64, "n_head": 4}
 
 
@@ -108,6 +108,8 @@ def parse_args(argv=None):
                    help="gold lost per mistake (a repeat, an off-prompt colour, a stray `and`)")
     t.add_argument("--length_cost", type=float, default=None,
                    help="gold lost per colour squared: length_cost * k^2 for an answer of k colours")
+    t.add_argument("--separator", default=None, choices=("and", "space"),
+                   help="what stands between the items of an answer: `and`, or a space only")
     t.add_argument("--n_layer", type=int, default=None, help="transformer layers of the tiny GPT-2 (2)")
     t.add_argument("--n_embd", type=int, default=None, help="width of the tiny GPT-2 (64)")
     t.add_argument("--n_head", type=int, default=None, help="attention heads of the tiny GPT-2 (4)")

@@ -12,8 +12,10 @@ The embedded task: "list the prompt's items", a family of tasks
 ----------------------------------------------------------------
 Prompt:    `list` + 2 to 8 distinct colour words          list teal gold navy
 Response:  some of them joined by `and`, then <eos>       navy and teal <eos>
+           (or by spaces only, `separator` "space")       navy teal <eos>
 Gold:      sum of value(item) over the distinct prompt items named
-           - mistake_penalty * (mistakes: a repeat, an off-prompt colour, a stray `and`)
+           - mistake_penalty * (mistakes: a repeat, an off-prompt colour, a stray `and`, or
+             any `and` when the separator is a space)
            - length_cost * k^2, k = colours in the answer (so each extra one costs more)
 Reference: k items of the prompt, k drawn from `reference_lengths`, each item replaced by a random
            colour with probability `reference_mistake_rate`.
@@ -59,11 +61,11 @@ TOY_TASKS = {
     # repeats that SFT samples never contain (no coverage): the README's counter-example.
     "items": {"prompt_sizes": [2, 8], "reference_lengths": "uniform",
               "reference_mistake_rate": 0.03, "item_values": [1.0] * len(ITEMS),
-              "mistake_penalty": 1.0, "length_cost": 0.0},
+              "mistake_penalty": 1.0, "length_cost": 0.0, "separator": "and"},
     # liked and disliked colours: naming everything is about as good as naming nothing
     "values": {"prompt_sizes": [2, 8], "reference_lengths": "uniform",
                "reference_mistake_rate": 0.05, "item_values": list(SIGNED_VALUES),
-               "mistake_penalty": 1.0, "length_cost": 0.0},
+               "mistake_penalty": 1.0, "length_cost": 0.0, "separator": "and"},
 }
 DEFAULT_TOY_TASK = "values"
 
@@ -94,6 +96,8 @@ def check_toy_spec(spec: dict) -> None:
                            f"non-negative weights for 1, 2, ... items, got {lengths}")
     if not 0 <= spec["reference_mistake_rate"] <= 1:
         raise C.StageError("the reference mistake rate must be in [0, 1]")
+    if spec["separator"] not in (AND, "space"):
+        raise C.StageError(f"the separator must be 'and' or 'space', got {spec['separator']!r}")
     if not (math.isfinite(spec["length_cost"]) and spec["length_cost"] >= 0):
         raise C.StageError("the length cost must be a number >= 0")
     if len(spec["item_values"]) != len(ITEMS) or not all(map(math.isfinite, spec["item_values"])):
@@ -127,12 +131,13 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 class ToyTask:
     cheap_gold = True                       # gold is a Python function: log it on every update
     max_prompt_len = None
-    response_len = RESPONSE_LEN
 
     def __init__(self, spec: dict | None = None):
         self.spec = toy_spec() if spec is None else spec
         check_toy_spec(self.spec)
         self.values = dict(zip(ITEMS, self.spec["item_values"]))
+        # max new tokens: 8 items, the 7 `and`s between them (if any), and <eos>
+        self.response_len = RESPONSE_LEN if self.spec["separator"] == AND else MAX_PROMPT_SIZE + 1
 
     # -- prompts -----------------------------------------------------------------------------
     def make_prompts(self, n: int, seed: int, held_out: bool = False) -> list[str]:
@@ -161,7 +166,7 @@ class ToyTask:
         for i in range(len(words)):
             if rng.random() < self.spec["reference_mistake_rate"]:
                 words[i] = rng.choice(ITEMS)    # may be off-prompt or a repeat
-        return f" {AND} ".join(words)
+        return f" {AND} ".join(words) if self.spec["separator"] == AND else " ".join(words)
 
     # -- the stages' views ---------------------------------------------------------------------
     def sft_examples(self, n: int, seed: int):
@@ -197,7 +202,7 @@ class ToyTask:
         for i, word in enumerate(words):
             if word == AND:                     # fine only between two non-`and` words
                 between = 0 < i < len(words) - 1 and words[i - 1] != AND and words[i + 1] != AND
-                mistakes += not between
+                mistakes += not (between and self.spec["separator"] == AND)
             elif word in items and word not in named:
                 named.add(word)
             else:

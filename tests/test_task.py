@@ -62,6 +62,18 @@ def test_length_cost_charges_the_square_of_the_colours_named():
     assert task.best_gold(prompt) == pytest.approx(brute)
 
 
+def test_a_space_separator_makes_every_and_a_mistake_and_shortens_the_responses():
+    task = values_task(separator="space")
+    prompt = "list red lime navy"
+    assert task.gold_reward(prompt, "red navy") == pytest.approx(1.5 + 0.8)
+    assert task.gold_reward(prompt, "red and navy") == pytest.approx(1.5 + 0.8 - 1)
+    assert task.response_len == 9 and values_task().response_len == 16
+    rng = random.Random(3)
+    refs = [task.reference(p, rng) for p in task.make_prompts(200, seed=1)]
+    assert not any("and" in r.split() for r in refs)
+    assert max(len(r.split()) for r in refs) == 8
+
+
 def test_the_items_member_counts_distinct_prompt_items_minus_mistakes():
     task = T.ToyTask(T.toy_spec("items"))
     prompt = "list teal gold navy"
@@ -139,7 +151,7 @@ def test_flags_choose_a_member_and_change_its_knobs(tmp_path):
     assert spec == {"kind": "toy", "name": "items", "prompt_sizes": [3, 5],
                     "reference_lengths": [0.5, 0.5], "reference_mistake_rate": 0.03,
                     "item_values": list(T.SIGNED_VALUES), "mistake_penalty": 2.0,
-                    "length_cost": 0.0}
+                    "length_cost": 0.0, "separator": "and"}
     # written to task.json, and the same task comes back from it
     T.save_task(SFT.make_task(args), tmp_path)
     assert json.loads((tmp_path / "task.json").read_text()) == spec
