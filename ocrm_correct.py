@@ -1,4 +1,4 @@
-"""Stage 4: off-policy correction of the reward model (PAPER.md section 2, section 3 step 6a-b).
+"""Stage 4: off-policy correction of the reward model (docs/method.md section 2, section 3 step 6a-b).
 
 The RM was fitted on pairs drawn from pi_sft, but PPO now uses it on responses from pi_k.
 Re-weight every stored pair by how much more likely it is under pi_k and refit:
@@ -32,14 +32,9 @@ lam, normalisation or clipping can achieve on a task (run_all.sh: OCRM_ARGS="--f
 Departures: the authors' code adds 1e-36 inside the log in float32, which underflows once both
 log-probs fall below about -87 and then returns a wrong ratio; here the ratio is computed with
 logaddexp, exactly, for any log-prob. The embedded task's responses are short (summed log-probs
-around -5 to -30 instead of -100s), so its lam is larger than the authors' 0.001. The
-diagnostic below (RM accuracy vs gold on fresh pairs of the policy being corrected), for seed 1's
-round-1 policy of the README's five-seed run
-(`--policy runs/toy-seed1/ppo_1 --reward_model_before runs/toy-seed1/rm_1 --lam L`):
-RM_1 0.631; lam 0.1 -> 0.641 (ESS 92%), 0.3 -> 0.648 (ESS 47%), 0.5 -> 0.662 (ESS 17%),
-1.0 -> 0.645 (ESS 3%); the --fresh_pairs 10000 control (new pairs from that policy) -> 0.757.
-The default 0.3 was chosen by the same measurement on earlier code (where 0.3 and 0.5 tied) and
-kept, so that the README's results use it.
+around -5 to -30 instead of -100s), so its lam (0.3) is larger than the authors' 0.001; how it was
+chosen, with the policy-pair diagnostic below (RM accuracy vs gold on fresh pairs of the policy
+being corrected), is in docs/experiments.md.
 """
 import argparse
 import json

@@ -1,5 +1,5 @@
 """Stage 2: preference pairs from the SFT policy and a Bradley-Terry reward model
-(PAPER.md section 3, steps 2-4; the weighted loss of section 2).
+(docs/method.md section 3, steps 2-4; the weighted loss of section 2).
 
 1. D <- for each prompt, two responses y0, y1 ~ pi_sft( . | x) at T = 1.0. We store their token
    ids, their text and l_sft(y) = sum_t log pi_sft(y_t | x, y_<t) (T = 1.0, EOS included, float32),
@@ -30,8 +30,8 @@ Held-out accuracy is measured on a fixed 10% of the pairs that is never trained 
 By default the SFT backbone is frozen and only the scalar head is fitted (--train_backbone 0), where
 the authors fine-tune the whole RM: a linear head on fixed features is a misspecified RM whose best
 fit depends on where the pairs lie, which is the situation OCRM addresses. On the embedded task a
-fully fine-tuned RM ranked SFT pairs as well (held-out accuracy 0.76 both) but PPO against it did
-not overoptimize within 300 updates, so there was nothing to correct.
+whole (or last-block) RM learns the gold reward well enough that PPO does not overoptimize it
+(docs/experiments.md); --train_last_blocks K trains the last K blocks, in between.
 """
 import argparse
 import random

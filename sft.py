@@ -1,4 +1,4 @@
-"""Stage 1: supervised fine-tuning (PAPER.md section 3, step 1).
+"""Stage 1: supervised fine-tuning (docs/method.md section 3, step 1).
 
 pi_sft <- maximise log pi(reference response | prompt) on prompt -> reference pairs.
 
@@ -6,7 +6,7 @@ Embedded default: the "list the prompt's items" task from common.py, a word-leve
 built locally and a tiny GPT-2 built from a config (no downloads). The loss covers the response
 tokens and their EOS only, never the prompt or padding.
 
-The paper's setting (PAPER.md section 6): --model names a causal LM to start from (e.g.
+The paper's setting (docs/method.md section 6): --model names a causal LM to start from (e.g.
 EleutherAI/pythia-1b-deduped) and --dataset a prompt/reference dataset (Huang et al.'s TL;DR, or a
 local JSON/JSONL file); --gold_model names the Hugging Face reward model that later stages use as
 the gold reward. These choices are the run's task: they are written to task.json here and every
@@ -195,7 +195,7 @@ def make_task(args, tokenizer=None):
 
 
 def build_model(tokenizer, args) -> GPT2LMHeadModel:
-    """A tiny GPT-2 from a config; dropout off (PAPER.md section 4), pad distinct from EOS."""
+    """A tiny GPT-2 from a config; dropout off (docs/method.md section 4), pad distinct from EOS."""
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=32, n_embd=args.n_embd, n_layer=args.n_layer,
         n_head=args.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,

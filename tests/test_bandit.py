@@ -6,7 +6,7 @@ feasibility study, unchanged except the logit noise scale 0.5, which the study l
 - Gold reward, concave in length: gold(y) = q + L - 0.12 L^2 (longer helps up to L ~ 4.2,
   then hurts).
 - The proxy RM is linear, r_theta(y) = a q + b L: it cannot represent the bend, so it is
-  MISSPECIFIED, and its best fit depends on which lengths the data covers (PAPER.md section 1).
+  MISSPECIFIED, and its best fit depends on which lengths the data covers (docs/method.md section 1).
 - pi_0 (the "SFT" policy) = softmax(-0.5 L + N(0, 0.5^2) noise): short answers are common,
   long ones rare but present (every response has positive probability, so the importance
   weights exist).
@@ -61,7 +61,7 @@ NUM_RESPONSES = 200
 NUM_PAIRS = 5000              # |D|, pairs drawn from pi_0 x pi_0
 ETA = 1.0                     # policy step size: pi_{k+1} ~ pi_k exp(ETA r_k)
 ROUNDS = 3                    # K
-ALPHA, LAM = 0.1, 0.5         # OCRM tempering in test 3 (PAPER.md section 2)
+ALPHA, LAM = 0.1, 0.5         # OCRM tempering in test 3 (docs/method.md section 2)
 SEEDS = range(5)
 
 

@@ -209,7 +209,7 @@ def test_relative_ratio_with_alpha_zero_is_the_plain_log_ratio():
 
 
 def test_naive_float32_ratio_with_1e36_underflows_and_ours_does_not():
-    """The authors' pitfall (PAPER.md section 5): log(a e^lk + (1-a) e^lsft + 1e-36) in float32."""
+    """The authors' pitfall (docs/method.md section 5): log(a e^lk + (1-a) e^lsft + 1e-36) in float32."""
     alpha = 0.1
     lk, ls = torch.tensor([-150.0]), torch.tensor([-152.0])
     truth = analytic_log_ratio(-150.0, -152.0, alpha)                   # about +0.13
