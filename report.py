@@ -109,7 +109,7 @@ def held_out_noise(dirs: dict[str, Path]) -> dict:
     if len({len(gold) for gold in per_prompt.values()}) > 1:
         raise C.StageError(f"the arms' last rounds ({', '.join(map(str, dirs.values()))}) were "
                            f"evaluated on different numbers of held-out prompts; run every arm "
-                           f"with the same --eval_prompts")
+                           f"with the same --eval_prompts (run_all.sh: EVAL_PROMPTS)")
     return {f"{arm}_minus_{control}": C.std_err_or_none(
                 [a - b for a, b in zip(per_prompt[arm], per_prompt[control])])
             for arm, control in COMPARISONS if arm in dirs and control in dirs}

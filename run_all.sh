@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole OCRM pipeline on one seed (PAPER.md section 3), then the report.
+# The whole OCRM pipeline on one seed (docs/method.md section 3), then the report.
 #
 #   SFT -> preference pairs + RM_1 -> PPO round 1 (shared start), then three arms that each run
 #   rounds 2..ROUNDS with the same PPO budget per round:
@@ -24,6 +24,8 @@
 #     fresh_pairs  KL to pi_{k-1}, reward RM_k fitted on FRESH_PAIRS new gold-labelled pairs
 #                  sampled from pi_{k-1}, unweighted: what the weights imitate, with new labels
 #   DPO_ARGS   extra flags for dpo.py (both dpo and wpo) e.g. "--lr 1e-4"
+#   EVAL_PROMPTS=512  held-out prompts of every arm's evaluation (the arms must share them to be
+#              compared; the presets set their own)
 #   FRESH_PAIRS=10000
 #
 # The paper's setting on one GPU (README "Reproduce the paper on one GPU"): PRESET picks models,
@@ -133,6 +135,7 @@ OCRM_ARGS=${OCRM_ARGS:-}
 ARMS=${ARMS:-standard_rlhf ppo_new_kl ocrm dpo wpo}
 DPO_ARGS=${DPO_ARGS:-}
 FRESH_PAIRS=${FRESH_PAIRS:-10000}
+eval_prompts=512
 read -r -a arms <<< "$ARMS"
 for arm in "${arms[@]}"; do
   case "$arm" in
@@ -147,7 +150,7 @@ if [ ${#arms[@]} -eq 0 ] || [ "$(printf '%s\n' "${arms[@]}" | sort | uniq -d)" ]
   exit 2
 fi
 
-# Presets: the paper's hyperparameters (PAPER.md sections 3-6) scaled to one GPU. Each *_PRESET
+# Presets: the paper's hyperparameters (docs/method.md sections 3-6) scaled to one GPU. Each *_PRESET
 # list goes before the user's *_ARGS, so a flag in *_ARGS overrides the preset's. sft_text holds
 # the one flag whose value has spaces (AlpacaFarm's prompt template), passed as one argument.
 SFT_PRESET="" PAIRS_PRESET="" RM_PRESET="" PPO_PRESET="" OCRM_PRESET="" DPO_PRESET="" sft_text=()
@@ -191,21 +194,22 @@ case "${PRESET:-}" in
     RM_PRESET="--train_backbone 1 --epochs 1 --batch_size 64 --micro_batch_size $micro --lr 3e-6
       --forward_batch_size 32"
     PPO_PRESET="--batch_size 64 --minibatches 2 --micro_batch_size $micro --lr 3e-6 --beta $beta
-      --temperature 0.7 --eval_prompts $eval_prompts --eval_every 25 --forward_batch_size 32"
+      --temperature 0.7 --eval_every 25 --forward_batch_size 32"
     OCRM_PRESET="--alpha 0.1 --lam $lam --diag_prompts $eval_prompts"
     # DPO / WPO as the authors: beta 0.05, lr 3e-6 (cosine), 1 epoch over the pairs
     DPO_PRESET="--beta 0.05 --lr 3e-6 --batch_size 64 --micro_batch_size $micro
-      --eval_prompts $eval_prompts --eval_every 100 --forward_batch_size 32"
+      --eval_every 100 --forward_batch_size 32"
     ;;
   *) echo "error: unknown PRESET '$PRESET'; use tldr, tldr_small, alpaca or smoke (or unset it" \
        "for the embedded task)" >&2; exit 2 ;;
 esac
 RUN_DIR=${RUN_DIR:-runs/$RUN_NAME-seed$SEED}
 UPDATES=${UPDATES:-100}
+EVAL_PROMPTS=${EVAL_PROMPTS:-$eval_prompts}
 SFT_ARGS="$SFT_PRESET $SFT_ARGS" PAIRS_ARGS="$PAIRS_PRESET $PAIRS_ARGS"
 RM_ARGS="$RM_PRESET $RM_ARGS" PPO_ARGS="$PPO_PRESET $PPO_ARGS" OCRM_ARGS="$OCRM_PRESET $OCRM_ARGS"
 
-for name in SEED ROUNDS UPDATES FRESH_PAIRS; do
+for name in SEED ROUNDS UPDATES FRESH_PAIRS EVAL_PROMPTS; do
   value=${!name}
   if ! [[ "$value" =~ ^[0-9]+$ ]] || [ "$value" -lt 1 ]; then
     echo "error: $name must be a positive integer, got '$value'" >&2
@@ -239,7 +243,8 @@ run_stage "$rm_1" "$PYTHON" reward_model.py --sft "$sft" --prefs "$RUN_DIR/prefs
 ppo() {  # ppo OUT INIT KL_REF RM ROUND
   # shellcheck disable=SC2086
   run_stage "$1" "$PYTHON" ppo.py --out "$1" --init "$2" --kl_ref "$3" --reward_model "$4" \
-    --sft "$sft" --seed $((SEED * 100 + $5)) --device "$DEVICE" --updates "$UPDATES" $PPO_ARGS
+    --sft "$sft" --seed $((SEED * 100 + $5)) --device "$DEVICE" --updates "$UPDATES" \
+    --eval_prompts "$EVAL_PROMPTS" $PPO_ARGS
 }
 ppo "$RUN_DIR/ppo_1" "$sft" "$sft" "$rm_1" 1
 
@@ -249,7 +254,7 @@ for arm in "${arms[@]}"; do
     # shellcheck disable=SC2086
     run_stage "$RUN_DIR/$arm" "$PYTHON" dpo.py --sft "$sft" --prefs "$RUN_DIR/prefs" \
       --reward_model "$rm_1" --out "$RUN_DIR/$arm" --wpo "$([ "$arm" = wpo ] && echo 1 || echo 0)" \
-      "${common[@]}" $DPO_PRESET $DPO_ARGS
+      "${common[@]}" --eval_prompts "$EVAL_PROMPTS" $DPO_PRESET $DPO_ARGS
     continue
   fi
   prev=$RUN_DIR/ppo_1 prev_rm=$rm_1

@@ -33,7 +33,6 @@ import random
 import string
 from pathlib import Path
 
-import datasets
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
@@ -236,6 +235,8 @@ def load_text_dataset(spec: dict) -> tuple[list[dict], list[dict]]:
     `held_out_split`, else the dataset's `validation` (else `test`) split; a dataset with one split
     (a local file) holds out every 10th row.
     """
+    import datasets   # here, not at the top: the embedded task's stages never start it
+
     name, train_splits = spec["dataset"], spec.get("train_splits") or ["train"]
     held_split = spec.get("held_out_split")
     try:
@@ -405,7 +406,7 @@ class GoldRewardModel:
 
 
 class TextTask:
-    """Prompts and references from a dataset; gold = a Hugging Face reward model (PAPER.md s. 6)."""
+    """Prompts and references from a dataset; gold = a Hugging Face reward model (docs/method.md section 6)."""
     cheap_gold = False                      # an 8B forward per batch: gold only at evaluations
 
     def __init__(self, spec: dict, device="cpu", tokenizer=None):

@@ -129,6 +129,17 @@ def pytest_collection_finish(session):
         except Exception:                             # the fixture will try again, and report it
             continue
         _started.append(module.PIPELINE)
+    # A test whose long subprocess work needs nothing from the other tests (the kill-and-resume
+    # test) can start it here too: its module lists it in BACKGROUND_TESTS {test name: starter},
+    # the starter returns an object with .result() and .stop(), kept in module.BACKGROUND.
+    for item in session.items:
+        module = getattr(item, "module", None)
+        starter = getattr(module, "BACKGROUND_TESTS", {}).get(item.originalname)
+        if starter is not None and item.originalname not in module.BACKGROUND:
+            scratch = Path(tempfile.mkdtemp(prefix=f"ocrm-{item.originalname}-"))
+            _scratch.append(scratch)
+            module.BACKGROUND[item.originalname] = starter(scratch)
+            _started.append(module.BACKGROUND[item.originalname])
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -56,7 +56,8 @@ PIPELINE_ENV = {
     "SFT_ARGS": "--num_examples 256 --epochs 1",
     "PAIRS_ARGS": "--num_pairs 128",
     "RM_ARGS": "--epochs 1",
-    "PPO_ARGS": f"--eval_every 1 --eval_prompts {EVAL_PROMPTS} --batch_size {BATCH_SIZE}",
+    "EVAL_PROMPTS": str(EVAL_PROMPTS),
+    "PPO_ARGS": f"--eval_every 1 --batch_size {BATCH_SIZE}",
 }
 # Stage output directories, in the order run_all.sh makes them
 STAGES = ["sft", "rm_1", "ppo_1", "standard_rlhf/round_2", "ppo_new_kl/round_2", "ocrm/rm_2",
@@ -270,7 +271,9 @@ def test_fresh_pairs_control_fits_on_new_labelled_samples_of_the_policy(run, tmp
             assert row[f"logp_policy_{side}"] == pytest.approx(expected, abs=1e-4)
             assert row[f"logp_sft_{side}"] == row[f"logp_policy_{side}"]
             text, ended = C.decode_responses(tokenizer, torch.tensor([row[f"{side}_ids"]]), eos)
-            assert row[f"gold_{side}"] == T.load_task(run.dir / "sft").gold_reward(row["prompt"], text[0], ended[0])
+            # the columns are float32: the gold value (a sum of item values) up to float32 rounding
+            gold = T.load_task(run.dir / "sft").gold_reward(row["prompt"], text[0], ended[0])
+            assert row[f"gold_{side}"] == pytest.approx(gold, abs=1e-6)
         assert row["gold_chosen"] >= row["gold_rejected"]
 
 
@@ -453,11 +456,6 @@ def test_interrupted_stage_is_redone_and_nothing_else(run, tmp_path):
 
 # Killing the run: SIGKILL to run_all.sh's whole process group (bash and the running stage) at
 # four points, a rerun after each, and at the end the report of the uninterrupted run.
-#
-# Everything a stage writes, in the order the run finishes them (prefs and weights_k are saved
-# inside the rm_1 and ocrm/rm_k stages, before those stages fit their reward models).
-OUTPUTS = ["sft", "prefs", "rm_1", "ppo_1", "standard_rlhf/round_2", "ppo_new_kl/round_2",
-           "ocrm/weights_2", "ocrm/rm_2", "ocrm/round_2", "dpo", "wpo"]
 # Files whose bytes hold wall-clock times; every other file of a run is byte-identical on CPU.
 TIMED_FILES = {"sft_info.json", "rm_info.json", "ppo_info.json", "dpo_info.json", "metrics.jsonl",
                "report.json", "report.md", "curves.png"}
@@ -483,11 +481,19 @@ KILL_POINTS = [
      lambda d, lines: (d / ".sft.tmp").is_dir(), "sft", 0),
     ("inside reward_model.py: pairs saved, RM_1 being fitted",
      lambda d, lines: any(line.startswith("prefs: ") for line in lines), "rm_1", 2),
-    ("between stages: run_all.sh has just announced standard_rlhf/round_2",
-     lambda d, lines: f"== {d / 'standard_rlhf/round_2'}" in lines, "standard_rlhf/round_2", 4),
+    ("between stages: run_all.sh has just announced ppo_1",
+     lambda d, lines: f"== {d / 'ppo_1'}" in lines, "ppo_1", 3),
     ("inside ocrm_correct.py: weights saved, RM_2 being fitted",
-     lambda d, lines: any(line.startswith("ocrm: weights ESS") for line in lines), "ocrm/rm_2", 7),
+     lambda d, lines: any(line.startswith("ocrm: weights ESS") for line in lines), "ocrm/rm_2", 5),
 ]
+# The killed run does the shared stages and the ocrm arm only (ARMS=ocrm: the arm that saves an
+# intermediate output); each of its outputs must equal the full run's, whose other arms it skips.
+KILL_ARMS = "ocrm"
+KILL_STAGES = ["sft", "rm_1", "ppo_1", "ocrm/rm_2", "ocrm/round_2"]
+# KILL_OUTPUTS: everything those stages write, in the order the run finishes them (prefs and
+# weights_2 are saved inside the rm_1 and ocrm/rm_2 stages, before they fit their reward models).
+KILL_OUTPUTS = ["sft", "prefs", "rm_1", "ppo_1", "ocrm/weights_2", "ocrm/rm_2", "ocrm/round_2"]
+REPORT_FILES = {Path("report.json"), Path("report.md"), Path("curves.png")}
 
 
 def tmp_of(run_dir: Path, output: str) -> Path:
@@ -505,17 +511,17 @@ def hidden_entries(run_dir: Path) -> set[Path]:
     return {p.relative_to(run_dir) for p in run_dir.rglob(".*")}
 
 
-def expected_stage_lines(run_dir: Path, finished: list[str]) -> list[str]:
+def expected_stage_lines(run_dir: Path, finished: list[str], stages=STAGES) -> list[str]:
     """The `== ` lines run_all.sh prints when the outputs `finished` are already on disk."""
     return [f"== skip {run_dir / s} (finished)" if s in finished else f"== {run_dir / s}"
-            for s in STAGES]
+            for s in stages]
 
 
 def run_all_until_killed(run_dir: Path, kill_when, hold: str, hook_dir: Path, log: Path) -> list[str]:
     """run_all.sh in a process group of its own until `kill_when` holds, then SIGKILL the whole
     group; returns the stdout lines read by then (the stage holds back renaming `hold`)."""
     env = pipeline_env(
-        run_dir, PYTHONUNBUFFERED="1",
+        run_dir, ARMS=KILL_ARMS, PYTHONUNBUFFERED="1",
         PYTHONPATH=os.pathsep.join(filter(None, [str(hook_dir), os.environ.get("PYTHONPATH")])),
         HOLD_BEFORE_RENAME=str(tmp_of(run_dir, hold)))
     with open(log, "a") as stderr:
@@ -554,13 +560,62 @@ def run_all_until_killed(run_dir: Path, kill_when, hold: str, hook_dir: Path, lo
     return lines
 
 
-def assert_same_files(run_dir: Path, reference: Path, files: set[Path]) -> None:
-    """`files` of run_dir have the bytes of the uninterrupted run's, timings and the run
-    directory's own name (settings.json records the policy's path) aside."""
-    for f in sorted(files):
-        if f.name not in TIMED_FILES:
-            ours = (run_dir / f).read_bytes().replace(str(run_dir).encode(), str(reference).encode())
-            assert ours == (reference / f).read_bytes(), f"{f} differs"
+def snapshot(run_dir: Path) -> dict:
+    """What a test checks of a run dir: its visible files with their bytes (the dir's own name
+    replaced by RUN_DIR, timed files aside) and its hidden entries."""
+    files = visible_files(run_dir)
+    return {"files": files, "hidden": hidden_entries(run_dir),
+            "bytes": {f: (run_dir / f).read_bytes().replace(str(run_dir).encode(), b"RUN_DIR")
+                      for f in files if f.name not in TIMED_FILES}}
+
+
+def kill_and_resume(scratch: Path) -> dict:
+    """The subprocess work of the kill test: the run killed at each of KILL_POINTS, a snapshot of
+    the run dir after each kill, then the rerun that finishes it. It needs nothing from the
+    shared run, so conftest.py starts it in the background right after collection."""
+    run_dir, hook_dir, log = scratch / "run", scratch / "hook", scratch / "stderr.log"
+    hook_dir.mkdir()
+    (hook_dir / "sitecustomize.py").write_text(HOLD_BEFORE_RENAME)
+    kills = []
+    for where, kill_when, hold, n_finished in KILL_POINTS:
+        lines = run_all_until_killed(run_dir, kill_when, hold, hook_dir, log)
+        kills.append({"lines": lines, "held_tmp_is_dir": tmp_of(run_dir, hold).is_dir(),
+                      **snapshot(run_dir)})
+    proc = run_all(run_dir, ARMS=KILL_ARMS)
+    return {"run_dir": run_dir, "kills": kills, "proc": proc, "final": snapshot(run_dir),
+            "report": json.loads((run_dir / "report.json").read_text())
+            if proc.returncode == 0 else None}
+
+
+class InThread:
+    """fn(scratch) in a thread from now on; .result() joins it and returns (or re-raises)."""
+
+    def __init__(self, fn, scratch):
+        self._out = {}
+        self._thread = threading.Thread(target=self._body, args=(fn, scratch), daemon=True)
+        self._thread.start()
+
+    def _body(self, fn, scratch):
+        try:
+            self._out["value"] = fn(scratch)
+        except BaseException as e:   # pytest.fail raises a BaseException
+            self._out["error"] = e
+
+    def result(self, timeout: float = 900):
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            pytest.fail(f"the background work did not end within {timeout} s")
+        if "error" in self._out:
+            raise self._out["error"]
+        return self._out["value"]
+
+    def stop(self):   # the killed runs' process groups are gone already; a rerun ends by itself
+        pass
+
+
+BACKGROUND_TESTS = {"test_run_killed_at_any_point_resumes_to_the_uninterrupted_report":
+                    lambda scratch: InThread(kill_and_resume, scratch)}
+BACKGROUND: dict = {}
 
 
 def test_run_killed_at_any_point_resumes_to_the_uninterrupted_report(run, tmp_path):
@@ -569,38 +624,42 @@ def test_run_killed_at_any_point_resumes_to_the_uninterrupted_report(run, tmp_pa
     that is visible is complete and byte-identical to the uninterrupted run's, and the rest is at
     most a hidden `.NAME.tmp`; every rerun skips what is finished and reuses the saved pairs and
     weights; the finished run reports exactly the numbers of the uninterrupted one."""
-    run_dir, hook_dir, log = tmp_path / "run", tmp_path / "hook", tmp_path / "stderr.log"
-    hook_dir.mkdir()
-    (hook_dir / "sitecustomize.py").write_text(HOLD_BEFORE_RENAME)
-    reference_files = visible_files(run.dir)
+    name = "test_run_killed_at_any_point_resumes_to_the_uninterrupted_report"
+    handle = BACKGROUND.get(name) or InThread(kill_and_resume, tmp_path)
+    out = handle.result()
+    run_dir, reference = out["run_dir"], snapshot(run.dir)
+    reference_files = {f for f in reference["files"] if any(f.is_relative_to(o) for o in KILL_OUTPUTS)}
     finished: list[str] = []
-    for where, kill_when, hold, n_finished in KILL_POINTS:
-        lines = run_all_until_killed(run_dir, kill_when, hold, hook_dir, log)
-        stage_lines = [line for line in lines if line.startswith("== ")]
-        assert stage_lines == expected_stage_lines(run_dir, finished)[:len(stage_lines)], where
+    for (where, _, hold, n_finished), kill in zip(KILL_POINTS, out["kills"]):
+        stage_lines = [line for line in kill["lines"] if line.startswith("== ")]
+        expected = expected_stage_lines(run_dir, finished, KILL_STAGES)
+        assert stage_lines == expected[:len(stage_lines)], where
         if "prefs" in finished:
-            assert not any(line.startswith("prefs: ") for line in lines), "the pairs were redone"
+            assert not any(line.startswith("prefs: ") for line in kill["lines"]), "the pairs were redone"
 
-        finished = OUTPUTS[:n_finished]
-        files = visible_files(run_dir)
-        assert files == {f for f in reference_files if any(f.is_relative_to(o) for o in finished)}, \
+        finished = KILL_OUTPUTS[:n_finished]
+        assert kill["files"] == {f for f in reference_files
+                                 if any(f.is_relative_to(o) for o in finished)}, \
             f"killed {where}: visible files are not exactly those of the finished outputs"
-        assert_same_files(run_dir, run.dir, files)
-        assert hidden_entries(run_dir) <= {tmp_of(run_dir, hold).relative_to(run_dir)}, where
+        for f, data in kill["bytes"].items():
+            assert data == reference["bytes"][f], f"killed {where}: {f} differs"
+        assert kill["hidden"] <= {tmp_of(run_dir, hold).relative_to(run_dir)}, where
         if hold == "sft":
-            assert tmp_of(run_dir, "sft").is_dir()
+            assert kill["held_tmp_is_dir"]
 
-    proc = run_all(run_dir)
+    proc, final = out["proc"], out["final"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     stage_lines = [line for line in proc.stdout.splitlines() if line.startswith("== ")]
-    assert stage_lines == expected_stage_lines(run_dir, finished)
+    assert stage_lines == expected_stage_lines(run_dir, finished, KILL_STAGES)
     assert f"ocrm: reusing the weights in {run_dir / 'ocrm' / 'weights_2'}" in proc.stdout
-    assert visible_files(run_dir) == reference_files
-    assert_same_files(run_dir, run.dir, reference_files)
-    assert hidden_entries(run_dir) == set(), "a stale .NAME.tmp survived the finished run"
-    report = json.loads((run_dir / "report.json").read_text())
-    assert without(report, "seconds") == without(run.report, "seconds")
-    assert set(report["seconds"]) == set(run.report["seconds"])
+    assert final["files"] == reference_files | REPORT_FILES
+    for f in reference_files:
+        assert final["bytes"].get(f) == reference["bytes"].get(f), f"{f} differs"
+    assert final["hidden"] == set(), "a stale .NAME.tmp survived the finished run"
+    report = out["report"]
+    assert report["arms"] == {arm: run.report["arms"][arm] for arm in ("sft", "ocrm")}
+    assert report["weights"] == run.report["weights"]
+    assert set(report["seconds"]) == set(KILL_STAGES) | {"total"}
 
 
 # ----------------------------------------------------------------------------------------------

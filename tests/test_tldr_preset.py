@@ -249,13 +249,16 @@ def start_pipeline(scratch: Path):
            "DATASET": str(paths["dataset"]), "GOLD_MODEL": str(paths["gold"]),
            "RUN_DIR": str(run_dir), "DEVICE": "cpu", "ROUNDS": "2", "UPDATES": "2",
            "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "ARMS": "ocrm dpo",   # the other arms run the same stages with other flags
            # the preset's flags with budgets cut to seconds (flags here override the preset's)
            "SFT_ARGS": "--num_examples 64 --batch_size 16 --micro_batch_size 8 --lr 1e-3",
            "PAIRS_ARGS": "--num_pairs 40",
            "RM_ARGS": "--batch_size 8 --micro_batch_size 4 --forward_batch_size 16",
-           "PPO_ARGS": "--batch_size 8 --micro_batch_size 2 --eval_prompts 6 --eval_every 1 "
+           "EVAL_PROMPTS": "6",
+           "PPO_ARGS": "--batch_size 8 --micro_batch_size 2 --eval_every 1 "
                        "--forward_batch_size 4",
-           "OCRM_ARGS": "--diag_prompts 6"}
+           "OCRM_ARGS": "--diag_prompts 6",
+           "DPO_ARGS": "--batch_size 8 --micro_batch_size 2 --eval_every 1 --forward_batch_size 4"}
     return BackgroundRun(["bash", "run_all.sh"], REPO, env, run_dir=run_dir, stand_ins=paths)
 
 
@@ -275,13 +278,15 @@ def preset_run(preset):
 
 def test_preset_runs_end_to_end_and_writes_the_report(preset_run):
     report = json.loads((preset_run / "report.json").read_text())
-    assert set(report["arms"]) == {"sft", "standard_rlhf", "ppo_new_kl", "ocrm"}
+    assert set(report["arms"]) == {"sft", "ocrm", "dpo"}
     task = json.loads((preset_run / "sft" / "task.json").read_text())
     assert task["kind"] == "text" and task["response_len"] == 53 and task["max_prompt_len"] == 512
     rm_args = json.loads((preset_run / "rm_1" / "rm_info.json").read_text())["args"]
     assert rm_args["train_backbone"] == 1 and rm_args["lr"] == 3e-6            # the preset's
     weights = json.loads((preset_run / "ocrm" / "weights_2" / "settings.json").read_text())
     assert weights["lam"] == 0.001 and weights["alpha"] == 0.1
+    dpo_args = json.loads((preset_run / "dpo" / "dpo_info.json").read_text())["args"]
+    assert dpo_args["beta"] == 0.05 and dpo_args["lr"] == 3e-6 and dpo_args["eval_prompts"] == 6
     for row in C.read_jsonl(preset_run / "ppo_1" / "metrics.jsonl"):
         assert row["gold_reward"] is None and row["tokens_per_second"] > 0   # gold only at evals
 
