@@ -68,9 +68,9 @@ def parse_args(argv=None):
                         "this many new pairs from pi_k, label them with the gold reward (--label) "
                         "and fit on them unweighted: the on-policy refit any weighting "
                         "approximates, at the price of new labels (0: off)")
-    p.add_argument("--label", choices=("argmax", "bt"), default="argmax",
-                   help="label rule for --fresh_pairs: use the one the stored pairs were made with "
-                        "(reward_model.py --label)")
+    p.add_argument("--label", choices=("argmax", "bt"), default=None,
+                   help="label rule for --fresh_pairs (unset: argmax): use the one the stored "
+                        "pairs were made with (reward_model.py --label)")
     p.add_argument("--reward_model_before", default=None,
                    help="the RM the policy was trained against (RM_{k-1}); if given, its pairwise "
                         "accuracy on fresh policy samples is reported next to the corrected RM's")
@@ -85,6 +85,10 @@ def parse_args(argv=None):
         raise C.StageError("--lam and --clip must be >= 0")
     if args.fresh_pairs < 0 or args.fresh_pairs == 1:
         raise C.StageError(f"--fresh_pairs must be 0 (off) or at least 2, got {args.fresh_pairs}")
+    if args.label is not None and not args.fresh_pairs:
+        raise C.StageError("--label labels the new pairs of --fresh_pairs; the weighted refit "
+                           "keeps the stored pairs' labels")
+    args.label = args.label or "argmax"
     return args
 
 
@@ -160,7 +164,6 @@ def check_reusable(weights_dir: Path, settings: dict) -> None:
     """Weights left by an interrupted call are reused only if made from the same policy, the same way."""
     file = weights_dir / "settings.json"
     saved = json.loads(file.read_text()) if file.is_file() else {}
-    saved.setdefault("fresh_pairs", 0)                 # weights saved before that flag existed
     differ = [k for k, v in settings.items() if k != "policy" and saved.get(k) != v]
     if "policy" not in saved or Path(saved["policy"]).resolve() != Path(settings["policy"]).resolve():
         differ.append("policy")

@@ -42,6 +42,7 @@ the paper's 0.05 (presets pass 0.05): docs/experiments.md has the measurements.
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -332,7 +333,8 @@ def main(argv=None):
         curve.append({"update": update, "episodes": update * B, **stats})
 
     eval_point(0)
-    sft_or_none = None if args.sft == args.kl_ref else sft
+    # the same directory (however it is spelled): KL to SFT is the KL penalty's own, no second forward
+    sft_or_none = None if Path(args.sft).resolve() == Path(args.kl_ref).resolve() else sft
     # critic warm-up (OpenRLHF's --freezing_actor_steps): the value model, a copy of the RM, has
     # only been fitted at EOS states; a few value-only updates fit it at every state before its
     # advantages move the policy. Its prompts are a stream of their own, so the policy's updates

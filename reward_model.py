@@ -105,6 +105,9 @@ def check_fit_args(args) -> None:
     if args.train_last_blocks < 0 or (args.train_last_blocks and args.train_backbone):
         raise C.StageError("--train_last_blocks K >= 0 goes with --train_backbone 0 (with "
                            "--train_backbone 1 every block is trained already)")
+    if args.gradient_checkpointing and not args.train_backbone:
+        raise C.StageError("--gradient_checkpointing 1 does nothing without --train_backbone 1 "
+                           "(only the whole backbone's backward pass is recomputed)")
     C.check_micro_batch(args.micro_batch_size, args.batch_size, "--batch_size")
 
 

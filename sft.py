@@ -70,6 +70,11 @@ def item_values(text: str) -> list[float]:
 TOY_KNOBS = ("prompt_sizes", "reference_lengths", "reference_mistake_rate", "item_values",
              "mistake_penalty", "length_cost", "separator")
 TINY_GPT2 = {"n_layer": 2, "n_embd": 64, "n_head": 4}
+# flags of the paper's setting that the embedded task has no use for (an error without --dataset)
+TEXT_FLAGS = ("dataset_config", "train_splits", "held_out_split", "prompt_field",
+              "prompt_template", "truncate_field", "response_field", "max_prompt_len",
+              "response_prefix", "response_len", "gold_model", "gold_batch_size", "gold_max_len",
+              "gradient_checkpointing")
 
 
 def parse_args(argv=None):
@@ -165,6 +170,10 @@ def parse_args(argv=None):
             raise C.StageError(f"{', '.join(given)} shape the embedded task and its tiny GPT-2; "
                                f"they do nothing with --dataset / --model")
     else:
+        given = [f"--{k}" for k in TEXT_FLAGS if getattr(args, k) != p.get_default(k)]
+        if given:
+            raise C.StageError(f"{', '.join(given)} apply to --model / --dataset only; the "
+                               f"embedded task ignores them")
         for k, v in TINY_GPT2.items():
             setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     if args.num_examples is None:

@@ -838,6 +838,14 @@ BAD_INPUTS = {
     "sft_fewer_examples_than_a_batch": ("", lambda r, t: [
         "sft.py", "--out", t / "out", "--device", "cpu", "--num_examples", "10"]),
     "sft_unknown_device": ("gpu", lambda r, t: ["sft.py", "--out", t / "out", "--device", "gpu"]),
+    # a flag that does nothing in the chosen configuration is an error, not silence
+    "sft_dataset_flag_on_the_embedded_task": ("--prompt_field", lambda r, t: [
+        "sft.py", "--out", t / "out", "--device", "cpu", "--prompt_field", "post"]),
+    "sft_gradient_checkpointing_on_the_embedded_task": ("--gradient_checkpointing", lambda r, t: [
+        "sft.py", "--out", t / "out", "--device", "cpu", "--gradient_checkpointing", "1"]),
+    "rm_gradient_checkpointing_on_a_frozen_backbone": ("--train_backbone", lambda r, t: rm_cmd(
+        r, t) + ["--gradient_checkpointing", "1"]),
+    "ocrm_label_without_fresh_pairs": ("--fresh_pairs", lambda r, t: ocrm_cmd(r, t, "--label", "bt")),
     # weights left by an interrupted call are reused only if they were made the same way
     "ocrm_earlier_weights_other_lam": ("another lam", ocrm_with_earlier_weights_and_another_lam),
 }
