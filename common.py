@@ -20,6 +20,7 @@ the middle of a response could never be confused with padding.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -313,12 +314,36 @@ def decode_responses(tokenizer, response: torch.Tensor, eos_id: int) -> tuple[li
 # ----------------------------------------------------------------------------------------------
 # Evaluation on the fixed held-out prompts: one protocol for every arm (PPO stages and DPO/WPO)
 # ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class HeldOut:
+    """The fixed held-out set every arm is evaluated on, and what judges a response there: the
+    task's gold reward, the arm's RM (the proxy) and pi_sft (KL to SFT)."""
+    task: object
+    tokenizer: object
+    prompts: list
+    references: list
+    query: torch.Tensor                  # the prompts, encoded and left-padded
+    sft: torch.nn.Module
+    rm: torch.nn.Module
+    batch_size: int                      # sequences per no-grad forward
+    no_eos_score: float                  # the RM score of a response that never ends
+
+
+def held_out(task, tokenizer, n: int, sft, rm, batch_size: int, no_eos_score: float, device) -> HeldOut:
+    prompts, references = task.eval_examples(n)
+    query = encode_prompts(tokenizer, prompts, task.max_prompt_len).to(device)
+    return HeldOut(task, tokenizer, prompts, references, query, sft, rm, batch_size, no_eos_score)
+
+
 @torch.inference_mode()
-def evaluate(policy, sft, rm, tokenizer, task, prompts, query, temperature: float, batch_size: int,
-             no_eos_score: float, stage: str, step: int | None = None, seed: int = 0):
+def evaluate(policy, held: HeldOut, temperature: float, stage: str, step: int | None = None,
+             seed: int = 0):
     """Gold, proxy and KL to SFT of `policy` on the held-out prompts (fixed sampling seed).
 
     Returns (stats, per-prompt gold, response texts)."""
+    task, tokenizer, prompts, query, sft, rm = (held.task, held.tokenizer, held.prompts, held.query,
+                                                held.sft, held.rm)
+    batch_size, no_eos_score = held.batch_size, held.no_eos_score
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     gen = torch.Generator(device=query.device).manual_seed(seed)
     response, logp, logp_sft, proxy = [], [], [], []
@@ -342,16 +367,14 @@ def evaluate(policy, sft, rm, tokenizer, task, prompts, query, temperature: floa
     }, gold, texts
 
 
-def final_evaluation(policy, sft, rm, tokenizer, task, prompts, references, query,
-                     kl_to_sft: float, batch_size: int, no_eos_score: float, stage: str) -> dict:
+def final_evaluation(policy, held: HeldOut, kl_to_sft: float, stage: str) -> dict:
     """final.json: near-greedy (T = 0.01) gold and proxy, gold win rates against the SFT policy's
     near-greedy responses and against the references (the paper's headline metric; ties count
     half), `kl_to_sft` as measured on the last T = 0.7 evaluation, samples, per-prompt gold."""
-    final, gold_policy, texts = evaluate(policy, sft, rm, tokenizer, task, prompts, query, 0.01,
-                                         batch_size, no_eos_score, stage)
-    sft_final, gold_sft, _ = evaluate(sft, sft, rm, tokenizer, task, prompts, query, 0.01,
-                                      batch_size, no_eos_score, stage)
+    final, gold_policy, texts = evaluate(policy, held, 0.01, stage)
+    sft_final, gold_sft, _ = evaluate(held.sft, held, 0.01, stage)
     # the references as the policy would have written them: our tokens (<= R), decoded
+    task, tokenizer, prompts, references = held.task, held.tokenizer, held.prompts, held.references
     eos = tokenizer.eos_token_id
     ref_texts, ref_ended = decode_responses(
         tokenizer, encode_responses(tokenizer, references, task.response_len), eos)

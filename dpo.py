@@ -146,15 +146,13 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
     micro = args.micro_batch_size or args.batch_size
 
-    ev_prompts, ev_references = task.eval_examples(args.eval_prompts)
-    ev_query = C.encode_prompts(tokenizer, ev_prompts, task.max_prompt_len).to(device)
+    held = C.held_out(task, tokenizer, args.eval_prompts, reference, rm, args.forward_batch_size,
+                      args.no_eos_score, device)
     curve, log = [], []
 
     def eval_point(step):
         policy.eval()
-        stats, *_ = C.evaluate(policy, reference, rm, tokenizer, task, ev_prompts, ev_query,
-                               args.temperature, args.forward_batch_size, args.no_eos_score,
-                               stage, step)
+        stats, *_ = C.evaluate(policy, held, args.temperature, stage, step)
         curve.append({"update": step, "episodes": step * args.batch_size, **stats})
         policy.train()
 
@@ -199,14 +197,12 @@ def main(argv=None):
     policy.eval()
 
     # 3. final evaluation, as every PPO stage's; implicit-reward accuracy on the held-out pairs
-    final = C.final_evaluation(policy, reference, rm, tokenizer, task, ev_prompts, ev_references,
-                               ev_query, curve[-1]["kl_to_sft"], args.forward_batch_size,
-                               args.no_eos_score, stage)
-    held = held_idx.to(device)
+    final = C.final_evaluation(policy, held, curve[-1]["kl_to_sft"], stage)
+    held_pairs = held_idx.to(device)
     with torch.inference_mode():
         margin = []
-        for i in range(0, len(held), args.forward_batch_size):
-            h = held[i:i + args.forward_batch_size]
+        for i in range(0, len(held_pairs), args.forward_batch_size):
+            h = held_pairs[i:i + args.forward_batch_size]
             lp = [C.response_logprob_sums(m, query[h], y[h], pad, eos)
                   for m in (policy, reference) for y in (chosen, rejected)]
             margin.append((lp[0] - lp[2]) - (lp[1] - lp[3]))

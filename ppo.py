@@ -42,6 +42,7 @@ the paper's 0.05 (presets pass 0.05): docs/experiments.md has the measurements.
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -173,17 +174,29 @@ def token_values(value_model, query, response, pad, eos):
     return C.head_scores(value_model, query, response, pad, eos)[:, P - 1:-1]   # (B, R)
 
 
-def ppo_update(update, batch_prompts, policy, value_model, kl_ref, sft, rm, tokenizer, opt, sched,
-               gen, args, task, train_policy: bool = True) -> dict:
+@dataclass
+class PPOModels:
+    """The models of one PPO stage: two trained, three frozen."""
+    policy: torch.nn.Module          # trained: pi, starts at --init
+    value: torch.nn.Module           # trained: the critic, a copy of the RM
+    kl_ref: torch.nn.Module          # frozen: the KL penalty's reference (--kl_ref)
+    rm: torch.nn.Module              # frozen: the reward (--reward_model)
+    sft: torch.nn.Module | None      # frozen: pi_sft for the logged KL to SFT; None when it is
+    #                                  kl_ref itself (then KL to SFT = KL to the reference)
+
+
+def ppo_update(update, batch_prompts, models: PPOModels, tokenizer, opt, sched, gen, args, task,
+               train_policy: bool = True) -> dict:
     """One PPO update (steps 1-6 of the module docstring) on one batch of prompts; its log row.
 
-    `sft` is None when the KL reference is the SFT policy itself (KL to SFT = KL to the reference).
     The optimizer holds the policy's and the value model's parameters; `sched` decays its lr.
     `task` gives the response length, the prompt truncation and the gold reward.
     train_policy=False is a critic warm-up update: the same rollout, advantages and returns, but
     only the value loss is minimised (the policy gets no gradient) and the lr schedule does not
     advance.
     """
+    policy, value_model, kl_ref, rm, sft = (models.policy, models.value, models.kl_ref, models.rm,
+                                            models.sft)
     device = next(policy.parameters()).device
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     B, mb_size = len(batch_prompts), len(batch_prompts) // args.minibatches
@@ -322,19 +335,18 @@ def main(argv=None):
     B = args.batch_size
     prompts = task.ppo_prompts(args.updates * B, seed=args.seed)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    ev_prompts, ev_references = task.eval_examples(args.eval_prompts)
-    ev_query = C.encode_prompts(tokenizer, ev_prompts, task.max_prompt_len).to(device)
+    held = C.held_out(task, tokenizer, args.eval_prompts, sft, rm, args.forward_batch_size,
+                      args.no_eos_score, device)
     metrics, curve = [], []
 
     def eval_point(update):
-        stats, *_ = C.evaluate(policy, sft, rm, tokenizer, task, ev_prompts, ev_query,
-                               args.temperature, args.forward_batch_size, args.no_eos_score,
-                               "ppo", update)
+        stats, *_ = C.evaluate(policy, held, args.temperature, "ppo", update)
         curve.append({"update": update, "episodes": update * B, **stats})
 
     eval_point(0)
     # the same directory (however it is spelled): KL to SFT is the KL penalty's own, no second forward
-    sft_or_none = None if Path(args.sft).resolve() == Path(args.kl_ref).resolve() else sft
+    same = Path(args.sft).resolve() == Path(args.kl_ref).resolve()
+    models = PPOModels(policy, value_model, kl_ref, rm, sft=None if same else sft)
     # critic warm-up (OpenRLHF's --freezing_actor_steps): the value model, a copy of the RM, has
     # only been fitted at EOS states; a few value-only updates fit it at every state before its
     # advantages move the policy. Its prompts are a stream of their own, so the policy's updates
@@ -343,13 +355,13 @@ def main(argv=None):
     warmup_value_loss = []
     for w in tqdm(range(args.critic_warmup), desc="critic warm-up", mininterval=2,
                   disable=not args.critic_warmup):
-        row = ppo_update(w + 1, warmup_prompts[w * B:(w + 1) * B], policy, value_model, kl_ref,
-                         sft_or_none, rm, tokenizer, opt, sched, gen, args, task, train_policy=False)
+        row = ppo_update(w + 1, warmup_prompts[w * B:(w + 1) * B], models, tokenizer, opt, sched,
+                         gen, args, task, train_policy=False)
         warmup_value_loss.append(row["value_loss"])
     bar = tqdm(range(1, args.updates + 1), desc="ppo", mininterval=2)
     for update in bar:
-        row = ppo_update(update, prompts[(update - 1) * B:update * B], policy, value_model, kl_ref,
-                         sft_or_none, rm, tokenizer, opt, sched, gen, args, task)
+        row = ppo_update(update, prompts[(update - 1) * B:update * B], models, tokenizer, opt,
+                         sched, gen, args, task)
         metrics.append(row)
         bar.set_postfix(proxy=f"{row['proxy_reward']:.2f}", kl=f"{row['kl_to_sft']:.2f}",
                         eps=f"{row['episodes_per_second']:.1f}",
@@ -364,9 +376,7 @@ def main(argv=None):
 
     # 7. final evaluation: near-greedy decode; gold win rates against the SFT policy's near-greedy
     #    responses and against the dataset's reference responses (the paper's headline metric)
-    final = C.final_evaluation(policy, sft, rm, tokenizer, task, ev_prompts, ev_references, ev_query,
-                               curve[-1]["kl_to_sft"], args.forward_batch_size, args.no_eos_score,
-                               "ppo")
+    final = C.final_evaluation(policy, held, curve[-1]["kl_to_sft"], "ppo")
 
     with C.atomic_output(args.out) as tmp:
         policy.save_pretrained(tmp)

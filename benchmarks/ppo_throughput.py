@@ -275,9 +275,9 @@ def our_ppo(models, tokenizer, prompts, updates, seed):
     def step(update):
         t0 = time.perf_counter()
         # the KL reference is the SFT policy here (as in round 1), so sft=None
-        metrics.append(ppo.ppo_update(update, prompts[(update - 1) * B:update * B], policy,
-                                      value_model, kl_ref, None, rm, tokenizer, opt, sched, gen,
-                                      args, task))
+        models = ppo.PPOModels(policy, value_model, kl_ref, rm, sft=None)
+        metrics.append(ppo.ppo_update(update, prompts[(update - 1) * B:update * B], models,
+                                      tokenizer, opt, sched, gen, args, task))
         return time.perf_counter() - t0
 
     return step, metrics, opt

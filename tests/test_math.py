@@ -527,9 +527,9 @@ def test_first_minibatch_ratio_is_one_and_kl_zero_when_policy_is_its_reference(
 
     monkeypatch.setattr(ppo, "ppo_losses", recording_losses)
     task = T.ToyTask()
-    row = ppo.ppo_update(1, task.ppo_prompts(16, seed=4), policy, value_model, policy, None,
-                         reward_model, tokenizer, opt, sched, torch.Generator().manual_seed(4),
-                         args, task)
+    models = ppo.PPOModels(policy, value_model, kl_ref=policy, rm=reward_model, sft=None)
+    row = ppo.ppo_update(1, task.ppo_prompts(16, seed=4), models, tokenizer, opt, sched,
+                         torch.Generator().manual_seed(4), args, task)
     # bf16: one code path, so exactly 0; fp32: the sampler's KV-cache log-probs are reused, equal
     # to the full forward up to float32 rounding (~1e-7 per token). The bug this guards against
     # (fp32 sampler log-probs against bf16 forwards) is off by ~1e-2.
@@ -584,15 +584,15 @@ def test_critic_warmup_moves_the_value_model_and_nothing_else(policy, reward_mod
     task = T.ToyTask()
     prompts = task.ppo_prompts(8, seed=3)
     gen = torch.Generator().manual_seed(3)
-    row = ppo.ppo_update(1, prompts, policy, value_model, policy, None, reward_model, tokenizer,
-                         opt, sched, gen, args, task, train_policy=False)
+    models = ppo.PPOModels(policy, value_model, kl_ref=policy, rm=reward_model, sft=None)
+    row = ppo.ppo_update(1, prompts, models, tokenizer, opt, sched, gen, args, task,
+                         train_policy=False)
     assert all(torch.equal(a, b) for a, b in zip(policy_before, policy.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(value_before, value_model.parameters()))
     assert sched.last_epoch == 0 and row["lr"] == pytest.approx(1e-3)
     assert row["value_loss"] > 0 and row["policy_loss"] is None and row["entropy"] is None
     # an ordinary update moves the policy and advances the schedule
-    ppo.ppo_update(2, prompts, policy, value_model, policy, None, reward_model, tokenizer,
-                   opt, sched, gen, args, task)
+    ppo.ppo_update(2, prompts, models, tokenizer, opt, sched, gen, args, task)
     assert any(not torch.equal(a, b) for a, b in zip(policy_before, policy.parameters()))
     assert sched.last_epoch == 1
 
