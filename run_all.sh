@@ -28,13 +28,13 @@
 #              compared; the presets set their own)
 #   FRESH_PAIRS=10000
 #
-# The paper's setting on one GPU (README "Reproduce the paper on one GPU"): PRESET picks models,
+# The paper's setting on one GPU (README "The paper's settings on one GPU"): PRESET picks models,
 # data and budgets; the variables above still apply and their flags come after the preset's.
 #   PRESET=tldr        Pythia-1B-deduped on TL;DR, Skywork-Reward-Llama-3.1-8B as gold
-#                      (estimated ~12 h on one 80 GB GPU)
-#   PRESET=tldr_small  Pythia-160M-deduped, fewer pairs and episodes (estimated ~1 h, 40 GB)
+#                      (estimated ~13 h on one 80 GB GPU; docs/gpu.md, never measured)
+#   PRESET=tldr_small  Pythia-160M-deduped, fewer pairs and episodes (estimated ~1.2 h, 25 GB)
 #   PRESET=alpaca      Qwen2.5-1.5B on AlpacaFarm's instructions, the same gold RM
-#                      (estimated ~24 h on one 80 GB GPU)
+#                      (estimated ~9 h, but ~87 GB at its gold evaluations: docs/gpu.md)
 #   PRESET=smoke       Pythia-14M, 512 pairs, one PPO update per round: the command to run
 #                      first on a GPU (prints peak GPU memory and tokens/s of every stage)
 #   MODEL, DATASET, GOLD_MODEL   replace the preset's model / dataset / gold RM (name or path)
