@@ -277,6 +277,16 @@ def test_fresh_pairs_control_fits_on_new_labelled_samples_of_the_policy(run, tmp
         assert row["gold_chosen"] >= row["gold_rejected"]
 
 
+def test_dpo_first_step_is_log_2_times_the_mean_weight_and_wpo_0_weights_1(run):
+    """At the first step the policy is its reference, so every pair's loss is log 2 and the batch
+    loss is log 2 times the mean weight: exactly log 2 for --wpo 0 (w = 1), less for --wpo 1."""
+    dpo = C.read_jsonl(run.dir / "dpo" / "metrics.jsonl")[0]
+    wpo = C.read_jsonl(run.dir / "wpo" / "metrics.jsonl")[0]
+    assert dpo["weight"] == 1.0 and dpo["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert 0.0 < wpo["weight"] < 1.0
+    assert wpo["loss"] == pytest.approx(wpo["weight"] * math.log(2), abs=1e-6)
+
+
 def test_report_has_every_arm_curve_weight_and_timing(run):
     report = run.report
     assert report["seed"] == 1
