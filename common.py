@@ -206,7 +206,10 @@ def pair_reward_scores(rm, query, chosen, rejected, pad_id, eos_id):
 
     Under causal attention a prompt's keys and values do not depend on the response after it, so
     one forward over the B prompts fills a KV cache that both responses of a pair then attend to.
-    The scores and their gradients are those of two full forwards (tested); the prompt tokens are
+    The simple equivalent is reward_scores on (query, chosen) and on (query, rejected): the
+    scores and their gradients are those two full forwards' (tests/test_math.py
+    test_pair_scores_share_the_prompt_exactly, test_pair_scores_under_gradient_checkpointing,
+    and tests/test_tldr_preset.py on GPT-NeoX and Llama); the prompt tokens are
     processed once instead of twice, which on TL;DR (512-token prompts, 53-token responses) is
     ~45% fewer tokens per RM step. transformers switches the cache off in a checkpointed model in
     train mode, so there the 2B full sequences go through one forward instead.
@@ -425,7 +428,8 @@ def _check_checkpoint(path: str | Path, kind: str, what_to_run: str) -> dict:
 # choice in config.json, so sft.py records it under ATTENTION_KEY (saved like any config field,
 # and inherited by every RM and policy made from that SFT model) and every loader applies it.
 # Hub models lack the key and keep the library's default, SDPA, the right kernel at 1B and 565
-# tokens.
+# tokens. The simple equivalent is to ignore the key (the library's SDPA): the same math, other
+# float rounding (tests/test_math.py test_pair_scores_share_the_prompt_exactly runs under both).
 ATTENTION_KEY = "ocrm_attn_implementation"
 
 

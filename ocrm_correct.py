@@ -173,6 +173,38 @@ def check_reusable(weights_dir: Path, settings: dict) -> None:
                            f"recompute them")
 
 
+def stored_pair_weights(policy, tokenizer, data, args, device):
+    """a. l_k of both stored responses under the current policy, at T = 1.0 with the code that
+    computed l_sft; b. the pairs' weights. Returns ({"chosen", "rejected"}: l_k, w)."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    query = torch.tensor(data["prompt_ids"], device=device)
+    logp = {name: C.sequence_logprobs(policy, query,
+                                      torch.tensor(data[f"{name}_ids"], device=device),
+                                      pad, eos, 1.0, args.forward_batch_size).cpu()
+            for name in ("chosen", "rejected")}
+    w = pair_weights(logp["chosen"], logp["rejected"], torch.tensor(data["logp_sft_chosen"]),
+                     torch.tensor(data["logp_sft_rejected"]), args.alpha, args.lam,
+                     bool(args.normalize), args.clip)
+    C.check_finite(w, "weight", "ocrm_correct")
+    return logp, w
+
+
+# ----------------------------------------------------------------------------------------------
+# The control (--fresh_pairs N): what the weights imitate, at the price of new labels
+# ----------------------------------------------------------------------------------------------
+def fresh_pairs_control(policy, tokenizer, task, args, device):
+    """N new pairs sampled from pi_k and labelled by the gold reward, each of weight 1 (their
+    logp_sft_* columns hold log-probs under pi_k, the policy they were sampled from). Returns
+    (the pairs, their log-probs, w = 1)."""
+    data = RM.sample_preferences(policy, tokenizer, task, args.fresh_pairs, args.label, args.seed,
+                                 device, args.forward_batch_size, "ocrm_correct")
+    logp = {name: torch.tensor(data[f"logp_sft_{name}"]) for name in ("chosen", "rejected")}
+    return data, logp, torch.ones(len(data), dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
     C.check_output(args.out)
@@ -195,27 +227,10 @@ def main(argv=None):
         data = datasets.load_from_disk(str(weights_dir))
         print(f"ocrm: reusing the weights in {weights_dir}")
     else:
-        if args.fresh_pairs:
-            # the control: new pairs from pi_k with new gold labels, weight 1 (their logp_sft_*
-            # columns hold log-probs under pi_k, the policy they were sampled from)
-            data = RM.sample_preferences(policy, tokenizer, task, args.fresh_pairs, args.label,
-                                         args.seed, device, args.forward_batch_size, "ocrm_correct")
-            logp = {name: torch.tensor(data[f"logp_sft_{name}"]) for name in ("chosen", "rejected")}
-            w = torch.ones(len(data), dtype=torch.float64)
-        else:
-            # a. l_k of both stored responses under the current policy, T = 1.0 (same code as l_sft)
-            pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-            query = torch.tensor(data["prompt_ids"], device=device)
-            logp = {name: C.sequence_logprobs(policy, query,
-                                              torch.tensor(data[f"{name}_ids"], device=device),
-                                              pad, eos, 1.0, args.forward_batch_size).cpu()
-                    for name in ("chosen", "rejected")}
-            # b. the weights
-            w = pair_weights(logp["chosen"], logp["rejected"],
-                             torch.tensor(data["logp_sft_chosen"]),
-                             torch.tensor(data["logp_sft_rejected"]),
-                             args.alpha, args.lam, bool(args.normalize), args.clip)
-            C.check_finite(w, "weight", "ocrm_correct")
+        if args.fresh_pairs:   # the on-policy control, not the paper's method
+            data, logp, w = fresh_pairs_control(policy, tokenizer, task, args, device)
+        else:                  # a-b: the paper's step
+            logp, w = stored_pair_weights(policy, tokenizer, data, args, device)
         for col in ("logp_policy_chosen", "logp_policy_rejected", "weight"):
             if col in data.column_names:
                 data = data.remove_columns(col)
