@@ -66,7 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1, help="random seed (prompts, sampling)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--updates", type=int, default=100, help="PPO updates (batches) in this stage")
-    p.add_argument("--batch_size", type=int, default=64, help="episodes (prompts) per update")
+    p.add_argument("--batch_size", type=int, default=128,
+                   help="episodes (prompts) per update (128 on the toy: at 64 the seeds' trajectories "
+                        "were too chaotic to compare arms, docs/experiments.md v14)")
     p.add_argument("--minibatches", type=int, default=2, help="minibatches per PPO epoch")
     p.add_argument("--ppo_epochs", type=int, default=4, help="passes over each batch")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, linear decay to 0")

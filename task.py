@@ -65,8 +65,14 @@ TOY_TASKS = {
     "values": {"prompt_sizes": [2, 8], "reference_lengths": "uniform",
                "reference_mistake_rate": 0.05, "item_values": list(SIGNED_VALUES),
                "mistake_penalty": 1.0, "length_cost": 0.0, "separator": "and"},
+    # the default: "values" with mistake-rich references (each item is replaced by a random colour
+    # with probability 0.2, mostly an off-prompt colour or a repeat), so the stored SFT samples cover the mistakes PPO learns to exploit and
+    # a re-weighted RM can learn them (docs/experiments.md, v15)
+    "mistakes": {"prompt_sizes": [2, 8], "reference_lengths": "uniform",
+                 "reference_mistake_rate": 0.2, "item_values": list(SIGNED_VALUES),
+                 "mistake_penalty": 1.0, "length_cost": 0.0, "separator": "and"},
 }
-DEFAULT_TOY_TASK = "values"
+DEFAULT_TOY_TASK = "mistakes"
 
 
 def toy_spec(name: str = DEFAULT_TOY_TASK, **overrides) -> dict:
