@@ -63,6 +63,9 @@ def run_main(main):
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    import torch.distributed as dist
+    if dist.is_initialized():                  # under torchrun: leave the process group cleanly
+        dist.destroy_process_group()
 
 
 def check_finite(value: float | torch.Tensor, what: str, stage: str, step: int | None = None) -> None:
@@ -84,15 +87,106 @@ def set_seed(seed: int) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    """`auto` -> cuda if present else cpu; asking for cuda without one is an error."""
+    """`auto` -> cuda if present else cpu; asking for cuda without one is an error.
+    Under torchrun (WORLD_SIZE > 1) this also joins the process group: see "Past one GPU"."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise StageError("--device cuda was asked for but this machine has no CUDA; use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise StageError(f"unknown --device {name!r}; use auto, cpu or cuda") from None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = init_distributed(device)
+    return device
+
+
+# ----------------------------------------------------------------------------------------------
+# Past one GPU: `torchrun --nproc_per_node N STAGE.py ...` runs N copies of a stage (ranks).
+# Every rank builds the same data and models from the same seed; the work that scales with the
+# data is split between them and combined with a few collectives:
+#   - a training step: each rank back-propagates its shard of the global batch, with the loss
+#     normalised by the GLOBAL batch, and the gradients are summed over ranks (`sum_gradients`)
+#     before the optimizer step, so every rank takes the single-process step;
+#   - sampling and scoring: each rank does a contiguous shard of the rows (`shard`) and the
+#     results are concatenated in rank order (`gather_rows`): the single-process order;
+#   - only rank 0 writes (`atomic_output`).
+# With one process (plain `python STAGE.py`) every helper below is the identity and no
+# torch.distributed call is made.
+# ----------------------------------------------------------------------------------------------
+def init_distributed(device: torch.device) -> torch.device:
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU); this rank's device."""
+    import torch.distributed as dist
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() > 0:                    # rank 0 prints; the others' lines would repeat it
+        sys.stdout = open(os.devnull, "w")     # (errors still reach stderr)
+    return device
+
+
+def rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main() -> bool:
+    return rank_and_world()[0] == 0
+
+
+def shard(n: int, chunk: int = 1) -> slice:
+    """This rank's contiguous share of n rows, cut at multiples of `chunk` (a forward batch size,
+    so every rank's forward batches are the single-process ones and their numbers identical)."""
+    rank, world = rank_and_world()
+    chunks = -(-n // chunk)
+    return slice(min(n, chunks * rank // world * chunk), min(n, chunks * (rank + 1) // world * chunk))
+
+
+def gather_rows(x):
+    """Every rank's rows concatenated in rank order (a tensor along dim 0, or a list)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return x
+    import torch.distributed as dist
+    parts = [None] * world
+    dist.all_gather_object(parts, x.cpu() if torch.is_tensor(x) else x)
+    return torch.cat(parts).to(x.device) if torch.is_tensor(x) else sum(parts, [])
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of x over ranks (x itself with one process)."""
+    if rank_and_world()[1] > 1:
+        import torch.distributed as dist
+        # NCCL reduces CUDA tensors only, gloo (CPU) CPU tensors: a copy on the group's device
+        on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+            else torch.device("cpu")
+        y = x.detach().to(on, copy=True)
+        dist.all_reduce(y)
+        x = y.to(x.device)
+    return x
+
+
+def sum_gradients(params) -> None:
+    """Sum each parameter's gradient over ranks (what DistributedDataParallel does, without
+    wrapping the model, so the single-process code reads the same). Call after the last
+    backward of a step, before clipping and the optimizer step."""
+    if rank_and_world()[1] == 1:
+        return
+    import torch.distributed as dist
+    for p in params:
+        if p.requires_grad:
+            if p.grad is None:          # a rank whose shard never reached this parameter
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+
+def barrier() -> None:
+    if rank_and_world()[1] > 1:
+        import torch.distributed as dist
+        dist.barrier()
 
 
 # Mixed precision: the models' weights are always fp32 (master weights; every loader below asks
@@ -189,6 +283,8 @@ def response_logprob_sums(model, query, response, pad_id, eos_id, temperature: f
 def sequence_logprobs(model, query, response, pad_id, eos_id, temperature: float = 1.0,
                       batch_size: int = 256) -> torch.Tensor:
     """response_logprob_sums in batches, no gradients (the density ratios' l_sft and l_k): (B,)."""
+    if len(query) == 0:                        # a torchrun rank with no rows
+        return torch.zeros(0, device=query.device)
     return torch.cat([response_logprob_sums(model, query[i:i + batch_size],
                                             response[i:i + batch_size], pad_id, eos_id, temperature)
                       for i in range(0, len(query), batch_size)])
@@ -529,7 +625,17 @@ def atomic_output(out: str | Path):
 
     A later stage (and run_all.sh) only ever sees a finished directory: an interrupted stage
     leaves at most `.NAME.tmp`, which the next attempt deletes and redoes.
+    Under torchrun only rank 0 writes (the other ranks write into a scratch directory that is
+    thrown away); the rename waits until every rank has reached it, so a rank that died before
+    leaves nothing finished, and every rank returns once the directory is there.
     """
+    if not is_main():
+        import tempfile
+        with tempfile.TemporaryDirectory() as scratch:
+            yield Path(scratch)
+        barrier()                              # this rank is done ...
+        barrier()                              # ... and rank 0 has renamed the output
+        return
     out = Path(out)
     check_output(out)                          # again: it may have appeared since the stage began
     try:
@@ -545,7 +651,9 @@ def atomic_output(out: str | Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    barrier()                                  # every rank is done (a no-op with one process)
     os.replace(tmp, out)
+    barrier()
 
 
 def throughput(device: torch.device, tokens: int, seconds: float) -> dict:

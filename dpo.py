@@ -160,14 +160,14 @@ def main(argv=None):
     eval_point(0)
     policy.train()
     step = 0
-    with tqdm(total=total, desc=stage, mininterval=2) as bar:
+    with tqdm(total=total, desc=stage, mininterval=2, disable=not C.is_main()) as bar:
         for epoch in range(args.epochs):
             order = train_idx[torch.randperm(len(train_idx))]
             for k in range(steps_per_epoch):
                 idx = order[k * args.batch_size:(k + 1) * args.batch_size].to(device)
                 opt.zero_grad(set_to_none=True)
                 row = {"loss": 0.0, "accuracy": 0.0, "weight": 0.0, "margin": 0.0}
-                for mb in idx.split(micro):
+                for mb in idx[C.shard(len(idx))].split(micro):   # torchrun: this rank's shard
                     q, c, r = query[mb], chosen[mb], rejected[mb]
                     weight = wpo_weights(policy, q, c, r, pad, eos) if args.wpo else None
                     with C.autocast(device):
@@ -185,6 +185,8 @@ def main(argv=None):
                     row["accuracy"] += (reward_c > reward_r).float().mean().item() * share
                     row["margin"] += (reward_c - reward_r).mean().item() * share
                     row["weight"] += (1.0 if weight is None else weight.mean().item()) * share
+                C.sum_gradients(policy.parameters())       # torchrun: the global gradient
+                row = {k: C.all_sum(torch.tensor(v)).item() for k, v in row.items()}
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
                 opt.step()
                 sched.step()

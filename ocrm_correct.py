@@ -178,9 +178,10 @@ def stored_pair_weights(policy, tokenizer, data, args, device):
     computed l_sft; b. the pairs' weights. Returns ({"chosen", "rejected"}: l_k, w)."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     query = torch.tensor(data["prompt_ids"], device=device)
-    logp = {name: C.sequence_logprobs(policy, query,
-                                      torch.tensor(data[f"{name}_ids"], device=device),
-                                      pad, eos, 1.0, args.forward_batch_size).cpu()
+    rows = C.shard(len(query), args.forward_batch_size)    # torchrun: each rank scores a shard
+    logp = {name: C.gather_rows(C.sequence_logprobs(
+                policy, query[rows], torch.tensor(data[f"{name}_ids"], device=device)[rows],
+                pad, eos, 1.0, args.forward_batch_size).cpu())
             for name in ("chosen", "rejected")}
     w = pair_weights(logp["chosen"], logp["rejected"], torch.tensor(data["logp_sft_chosen"]),
                      torch.tensor(data["logp_sft_rejected"]), args.alpha, args.lam,

@@ -53,6 +53,7 @@ import common as C
 import task as T
 
 WARMUP_SEED_OFFSET = 7919          # the critic warm-up's prompt stream: seed + this
+RANK_SEED = 1_000_003              # torchrun: rank r samples with seed + r * this
 
 
 def parse_args(argv=None):
@@ -119,9 +120,12 @@ def masked_mean(x, mask):
 
 
 def masked_whiten(x, mask, eps=1e-8):
-    """(x - mean) / std over the real tokens only; pads stay out of the statistics."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    """(x - mean) / std over the real tokens only; pads stay out of the statistics.
+    Under torchrun the statistics are the global batch's: each rank holds some rows, and the
+    sums are added over ranks (C.all_sum is the identity with one process)."""
+    n = C.all_sum(mask.sum())
+    mean = C.all_sum((x * mask).sum()) / n
+    var = C.all_sum(((x - mean) ** 2 * mask).sum()) / n
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -187,25 +191,28 @@ class PPOModels:
     #                                  kl_ref itself (then KL to SFT = KL to the reference)
 
 
-def ppo_update(update, batch_prompts, models: PPOModels, tokenizer, opt, sched, gen, args, task,
-               train_policy: bool = True) -> dict:
-    """One PPO update (steps 1-6 of the module docstring) on one batch of prompts; its log row.
+@dataclass
+class Rollout:
+    """One update's episodes (this rank's rows under torchrun) and what step 5 trains on."""
+    query: torch.Tensor              # (b, P)
+    response: torch.Tensor           # (b, R)
+    mask: torch.Tensor               # (b, R) real response tokens, float
+    logp_old: torch.Tensor           # (b, R) log pi_old at the sampling temperature
+    values_old: torch.Tensor         # (b, R)
+    advantages: torch.Tensor         # (b, R) whitened over the global batch
+    returns: torch.Tensor            # (b, R)
+    rows: slice                      # which rows of the global batch these are
 
-    The optimizer holds the policy's and the value model's parameters; `sched` decays its lr.
-    `task` gives the response length, the prompt truncation and the gold reward.
-    train_policy=False is a critic warm-up update: the same rollout, advantages and returns, but
-    only the value loss is minimised (the policy gets no gradient) and the lr schedule does not
-    advance.
-    """
+
+def rollout(update, batch_prompts, models: PPOModels, tokenizer, gen, args, task):
+    """Steps 1-4 on this rank's rows of the update's prompts: sample, score, rewards, advantages.
+    Returns (the Rollout, per-row log columns gathered over ranks)."""
     policy, value_model, kl_ref, rm, sft = (models.policy, models.value, models.kl_ref, models.rm,
                                             models.sft)
     device = next(policy.parameters()).device
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    B, mb_size = len(batch_prompts), len(batch_prompts) // args.minibatches
-    micro = args.micro_batch_size or mb_size
-    params = [p for group in opt.param_groups for p in group["params"]]
-    t0 = time.time()
-    query = C.encode_prompts(tokenizer, batch_prompts, task.max_prompt_len).to(device)  # (B, P)
+    rows = C.shard(len(batch_prompts))              # all of them with one process
+    query = C.encode_prompts(tokenizer, batch_prompts, task.max_prompt_len)[rows].to(device)
 
     # 1. rollout at T = 0.7; log pi_old comes with the samples (in fp32; see step 2 for bf16)
     policy.eval()
@@ -244,23 +251,51 @@ def ppo_update(update, batch_prompts, models: PPOModels, tokenizer, opt, sched, 
     advantages = masked_whiten(advantages, mask)
     C.check_finite(advantages, "advantage", "ppo", update)
 
-    # 5. PPO epochs over minibatches
+    texts, ended = C.decode_responses(tokenizer, response, eos)
+    log = {"kl_to_ref": C.gather_rows(((logp_old - logp_ref) * mask).sum(1)),
+           "kl_to_sft": C.gather_rows(((logp_old - logp_sft) * mask).sum(1)),
+           "score": C.gather_rows(score), "length": C.gather_rows(mask.sum(1)),
+           "texts": C.gather_rows(texts), "ended": C.gather_rows(ended),
+           "tokens": C.all_sum((query != pad).sum() + mask.sum()).item()}
+    return Rollout(query, response, mask, logp_old, values_old, advantages, returns, rows), log
+
+
+def optimise(update, batch: Rollout, batch_size: int, models: PPOModels, opt, tokenizer, args,
+             train_policy: bool = True) -> dict:
+    """Step 5: PPO epochs over minibatches of the global batch of `batch_size` episodes.
+
+    Each minibatch's loss is the token mean over ALL its real tokens: a micro-batch (or a
+    torchrun rank's part) adds (its token sum) / (the minibatch's token count), so splitting a
+    minibatch into pieces changes memory use, never the gradient. Under torchrun every rank
+    draws the same permutation of the global rows and trains on the rows of each minibatch it
+    holds; the gradients are then summed over ranks.
+    train_policy=False: only the value loss (the critic warm-up)."""
+    policy, value_model = models.policy, models.value
+    device = batch.query.device
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    mb_size = batch_size // args.minibatches
+    params = [p for group in opt.param_groups for p in group["params"]]
     policy.train()
     value_model.train()
     stats = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": [], "entropy": []}
     for epoch in range(args.ppo_epochs):
-        order = torch.randperm(B, device=device)
+        order = torch.randperm(batch_size, device=device)      # the same on every rank
         for k in range(args.minibatches):
-            idx = order[k * mb_size:(k + 1) * mb_size]
+            idx = order[k * mb_size:(k + 1) * mb_size]           # the minibatch (global rows)
+            mine = (idx >= batch.rows.start) & (idx < batch.rows.stop)
+            idx = idx[mine] - batch.rows.start                   # its rows held here (all: 1 process)
+            tokens = C.all_sum(batch.mask[idx].sum())            # the minibatch's real tokens
             opt.zero_grad(set_to_none=True)
-            for mb in idx.split(micro):      # gradient accumulation; one piece unless --micro_batch_size
-                q, r, m = query[mb], response[mb], mask[mb]
+            for mb in idx.split(args.micro_batch_size or mb_size):   # gradient accumulation
+                q, r, m = batch.query[mb], batch.response[mb], batch.mask[mb]
+                share = m.sum() / tokens                        # 1.0 for a whole minibatch
                 if not train_policy:         # critic warm-up: L = 0.1 L_vf, the policy stays put
                     with C.autocast(device):
                         values = token_values(value_model, q, r, pad, eos)               # (b, R)
-                    vf_loss = value_loss(values, values_old[mb], returns[mb], m, args.vf_clip)
+                    vf_loss = value_loss(values, batch.values_old[mb], batch.returns[mb], m,
+                                         args.vf_clip)
                     C.check_finite(vf_loss, "loss", "ppo", update)
-                    (args.vf_coef * vf_loss * (len(mb) / len(idx))).backward()
+                    (args.vf_coef * vf_loss * share).backward()
                     stats["value_loss"].append(vf_loss.item())
                     continue
                 with C.autocast(device):
@@ -268,42 +303,58 @@ def ppo_update(update, batch_prompts, models: PPOModels, tokenizer, opt, sched, 
                     values = token_values(value_model, q, r, pad, eos)                    # (b, R)
                 logp = C.gather_logprobs(logits, r)
                 pg_loss, vf_loss, clipfrac, approx_kl = ppo_losses(
-                    logp, logp_old[mb], advantages[mb], values, values_old[mb], returns[mb], m,
-                    args.clip, args.vf_clip)
+                    logp, batch.logp_old[mb], batch.advantages[mb], values, batch.values_old[mb],
+                    batch.returns[mb], m, args.clip, args.vf_clip)
                 loss = pg_loss + args.vf_coef * vf_loss
                 C.check_finite(loss, "loss", "ppo", update)
-                # the minibatch's loss is the size-weighted mean of its micro-batches' (masked)
-                # means: the token mean over the whole minibatch when there is one micro-batch
-                (loss * (len(mb) / len(idx))).backward()
+                (loss * share).backward()
                 with torch.no_grad():
                     # entropy of pi( . | context) at each real position, averaged over tokens
                     p_log = torch.log_softmax(logits, dim=-1)
                     entropy = masked_mean(-(p_log.exp() * p_log).sum(-1), m)
                 for key, v in zip(stats, (pg_loss, vf_loss, clipfrac, approx_kl, entropy)):
                     stats[key].append(v.item())
+            C.sum_gradients(params)                              # torchrun: the global gradient
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             opt.step()
+    return stats
+
+
+def ppo_update(update, batch_prompts, models: PPOModels, tokenizer, opt, sched, gen, args, task,
+               train_policy: bool = True) -> dict:
+    """One PPO update (steps 1-6 of the module docstring) on one batch of prompts; its log row.
+
+    The optimizer holds the policy's and the value model's parameters; `sched` decays its lr.
+    `task` gives the response length, the prompt truncation and the gold reward.
+    train_policy=False is a critic warm-up update: the same rollout, advantages and returns, but
+    only the value loss is minimised (the policy gets no gradient) and the lr schedule does not
+    advance.
+    """
+    t0 = time.time()
+    B = len(batch_prompts)
+    batch, log = rollout(update, batch_prompts, models, tokenizer, gen, args, task)   # 1-4
+    stats = optimise(update, batch, B, models, opt, tokenizer, args, train_policy)             # 5
     lr = sched.get_last_lr()[0]
     if train_policy:
         sched.step()
 
     # 6. log: what PPO optimised (proxy) next to what we actually want (gold)
-    texts, ended = C.decode_responses(tokenizer, response, eos)
     seconds = time.time() - t0
     return {
         "update": update, "episodes": update * B,
-        "kl_to_ref": ((logp_old - logp_ref) * mask).sum(1).mean().item(),
-        "kl_to_sft": ((logp_old - logp_sft) * mask).sum(1).mean().item(),
-        "proxy_reward": score.mean().item(),
+        "kl_to_ref": log["kl_to_ref"].mean().item(),
+        "kl_to_sft": log["kl_to_sft"].mean().item(),
+        "proxy_reward": log["score"].mean().item(),
         # gold of the training batch when it is cheap (the embedded task); a gold RM scores
         # only at evaluations (null here)
-        "gold_reward": task.gold(batch_prompts, texts, ended).mean().item() if task.cheap_gold else None,
-        "response_length": mask.sum(1).mean().item(),
-        "no_eos_fraction": 1.0 - sum(ended) / B,
+        "gold_reward": (task.gold(batch_prompts, log["texts"], log["ended"]).mean().item()
+                        if task.cheap_gold else None),
+        "response_length": log["length"].mean().item(),
+        "no_eos_fraction": 1.0 - sum(log["ended"]) / B,
         **{k: sum(v) / len(v) if v else None for k, v in stats.items()},   # None: warm-up
         "lr": lr, "episodes_per_second": B / seconds,
         # prompt + response tokens through the update, pads excluded
-        "tokens_per_second": ((query != pad).sum() + mask.sum()).item() / seconds,
+        "tokens_per_second": log["tokens"] / seconds,
     }
 
 
@@ -336,7 +387,11 @@ def main(argv=None):
 
     B = args.batch_size
     prompts = task.ppo_prompts(args.updates * B, seed=args.seed)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    # torchrun: each rank samples its rows of every batch with a generator of its own
+    rank, world = C.rank_and_world()
+    if B < world:
+        raise C.StageError(f"--batch_size {B} is smaller than the {world} torchrun processes")
+    gen = torch.Generator(device=device).manual_seed(args.seed + RANK_SEED * rank)
     held = C.held_out(task, tokenizer, args.eval_prompts, sft, rm, args.forward_batch_size,
                       args.no_eos_score, device)
     metrics, curve = [], []
@@ -356,11 +411,11 @@ def main(argv=None):
     warmup_prompts = task.ppo_prompts(args.critic_warmup * B, seed=args.seed + WARMUP_SEED_OFFSET)
     warmup_value_loss = []
     for w in tqdm(range(args.critic_warmup), desc="critic warm-up", mininterval=2,
-                  disable=not args.critic_warmup):
+                  disable=not args.critic_warmup or not C.is_main()):
         row = ppo_update(w + 1, warmup_prompts[w * B:(w + 1) * B], models, tokenizer, opt, sched,
                          gen, args, task, train_policy=False)
         warmup_value_loss.append(row["value_loss"])
-    bar = tqdm(range(1, args.updates + 1), desc="ppo", mininterval=2)
+    bar = tqdm(range(1, args.updates + 1), desc="ppo", mininterval=2, disable=not C.is_main())
     for update in bar:
         row = ppo_update(update, prompts[(update - 1) * B:update * B], models, tokenizer, opt,
                          sched, gen, args, task)

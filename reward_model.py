@@ -47,6 +47,7 @@ from transformers import AutoModelForSequenceClassification
 import common as C
 import task as T
 
+PAIR_RANK_SEED = 1_000_003        # rank r samples its pairs with seed + r * this (torchrun)
 PREF_COLUMNS = ("prompt", "chosen", "rejected", "gold_chosen", "gold_rejected",
                 "logp_sft_chosen", "logp_sft_rejected", "prompt_ids", "chosen_ids", "rejected_ids")
 
@@ -134,20 +135,27 @@ def sample_preferences(policy, tokenizer, task, num_pairs: int, label: str, seed
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     prompts = task.pair_prompts(num_pairs, seed=seed)
     query = C.encode_prompts(tokenizer, prompts, task.max_prompt_len).to(device)   # (N, P)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    responses, logps = [], []
-    for i in tqdm(range(0, num_pairs, batch_size), desc="sample pairs", mininterval=2):
-        q = query[i:i + batch_size]
+    # under torchrun each rank samples and labels a contiguous shard of the prompts with a
+    # generator of its own (so the pairs differ from a single-process run's, equally distributed)
+    rows = C.shard(num_pairs, batch_size)
+    gen = torch.Generator(device=device).manual_seed(seed + PAIR_RANK_SEED * C.rank_and_world()[0])
+    responses = torch.zeros(0, 2, task.response_len, dtype=torch.long, device=device)
+    logps = torch.zeros(0, 2, device=device)
+    for i in tqdm(range(rows.start, rows.stop, batch_size), desc="sample pairs", mininterval=2,
+                  disable=not C.is_main()):
+        q = query[i:min(i + batch_size, rows.stop)]
         pair = [C.sample(policy, q, pad, eos, task.response_len, temperature, gen, stage=stage)[0]
                 for _ in range(2)]
-        responses.append(torch.stack(pair, dim=1))                             # (b, 2, R)
+        responses = torch.cat([responses, torch.stack(pair, dim=1)])           # (b, 2, R)
         # l_sft through the same function ocrm_correct.py uses for l_k (same code path, float32)
-        logps.append(torch.stack([C.sequence_logprobs(policy, q, r, pad, eos, temperature, batch_size)
-                                  for r in pair], 1))
-    responses, logps = torch.cat(responses), torch.cat(logps)                   # (N, 2, R), (N, 2)
-
+        logps = torch.cat([logps, torch.stack([C.sequence_logprobs(
+            policy, q, r, pad, eos, temperature, batch_size) for r in pair], 1)])
     texts, ended = zip(*(C.decode_responses(tokenizer, responses[:, j], eos) for j in range(2)))
-    gold = torch.stack([task.gold(prompts, list(texts[j]), list(ended[j])) for j in range(2)], dim=1)
+    gold = torch.stack([task.gold(prompts[rows], list(texts[j]), list(ended[j])) for j in range(2)],
+                       dim=1) if texts[0] else torch.zeros(0, 2)                # (n, 2)
+    # every rank's shard, in rank order                                           (N, 2, R), (N, 2)
+    responses, logps, gold = C.gather_rows(responses), C.gather_rows(logps), C.gather_rows(gold)
+    texts = tuple(C.gather_rows(list(texts[j])) for j in range(2))
     rng = random.Random(seed)
     if label == "argmax":   # higher gold wins; a tie carries no preference, so a coin decides
         first_wins = [g0 > g1 or (g0 == g1 and rng.random() < 0.5) for g0, g1 in gold.tolist()]
@@ -203,14 +211,14 @@ def bt_loss(score_chosen, score_rejected, weight=None):
 
 @torch.inference_mode()
 def pair_accuracy(rm, query, chosen, rejected, pad, eos, batch_size=512) -> float:
-    correct = 0
-    for i in range(0, len(query), batch_size):
-        q = query[i:i + batch_size]
-        score_c, score_r = C.pair_reward_scores(rm, q, chosen[i:i + batch_size],
-                                                rejected[i:i + batch_size], pad, eos)
+    """Fraction of pairs the RM orders as labelled (under torchrun: each rank counts a shard)."""
+    correct, rows = 0, C.shard(len(query), batch_size)
+    for i in range(rows.start, rows.stop, batch_size):
+        j = min(i + batch_size, rows.stop)
+        score_c, score_r = C.pair_reward_scores(rm, query[i:j], chosen[i:j], rejected[i:j], pad, eos)
         margin = score_c - score_r
         correct += (margin > 0).sum().item()
-    return correct / len(query)
+    return C.all_sum(torch.tensor(correct)).item() / len(query)
 
 
 def unfreeze_last_blocks(backbone, k: int) -> None:
@@ -263,15 +271,17 @@ def fit_reward_model(sft_dir, task, data: datasets.Dataset, args, device, weight
     pair_tokens = ((query != pad).sum(1) + C.response_mask(chosen, eos).sum(1)
                    + C.response_mask(rejected, eos).sum(1))                           # (N,)
     tokens, train_start = 0, time.time()
-    with tqdm(total=total, desc="reward model", mininterval=2) as bar:   # closed before any error
+    # the bar is closed before any error line; under torchrun only rank 0 draws it
+    with tqdm(total=total, desc="reward model", mininterval=2, disable=not C.is_main()) as bar:
         for epoch in range(args.epochs):
             order = train_idx[torch.randperm(len(train_idx))]
             for step in range(steps_per_epoch):
                 idx = order[step * args.batch_size:(step + 1) * args.batch_size].to(device)
                 tokens += pair_tokens[idx].sum().item()
                 opt.zero_grad(set_to_none=True)
-                loss = 0.0
-                for mb in idx.split(micro):          # gradient accumulation over micro-batches
+                loss = torch.zeros((), device=device)
+                # gradient accumulation over micro-batches (of this rank's shard under torchrun)
+                for mb in idx[C.shard(len(idx))].split(micro):
                     with C.autocast(device):   # each pair's prompt is computed once, for both
                         score_c, score_r = C.pair_reward_scores(rm, query[mb], chosen[mb],
                                                                 rejected[mb], pad, eos)
@@ -280,6 +290,8 @@ def fit_reward_model(sft_dir, task, data: datasets.Dataset, args, device, weight
                     C.check_finite(mb_loss, "loss", "reward_model", epoch * steps_per_epoch + step + 1)
                     mb_loss.backward()
                     loss += mb_loss.detach()
+                C.sum_gradients(trained)             # torchrun: the global batch's gradient
+                loss = C.all_sum(loss)
                 opt.step()
                 sched.step()
                 bar.update(1)

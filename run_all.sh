@@ -27,6 +27,9 @@
 #   EVAL_PROMPTS=512  held-out prompts of every arm's evaluation (the arms must share them to be
 #              compared; the presets set their own)
 #   FRESH_PAIRS=10000
+#   NPROC=1    processes per stage: above 1, every Python stage runs under
+#              `torchrun --standalone --nproc_per_node NPROC` (one per GPU; gloo on a CPU), each
+#              rank a shard of every batch (README "More than one GPU")
 #
 # The paper's setting on one GPU (README "The paper's settings on one GPU"): PRESET picks models,
 # data and budgets; the variables above still apply and their flags come after the preset's.
@@ -209,7 +212,8 @@ EVAL_PROMPTS=${EVAL_PROMPTS:-$eval_prompts}
 SFT_ARGS="$SFT_PRESET $SFT_ARGS" PAIRS_ARGS="$PAIRS_PRESET $PAIRS_ARGS"
 RM_ARGS="$RM_PRESET $RM_ARGS" PPO_ARGS="$PPO_PRESET $PPO_ARGS" OCRM_ARGS="$OCRM_PRESET $OCRM_ARGS"
 
-for name in SEED ROUNDS UPDATES FRESH_PAIRS EVAL_PROMPTS; do
+NPROC=${NPROC:-1}
+for name in SEED ROUNDS UPDATES FRESH_PAIRS EVAL_PROMPTS NPROC; do
   value=${!name}
   if ! [[ "$value" =~ ^[0-9]+$ ]] || [ "$value" -lt 1 ]; then
     echo "error: $name must be a positive integer, got '$value'" >&2
@@ -231,18 +235,24 @@ run_stage() {
 }
 
 common=(--seed "$SEED" --device "$DEVICE")
+# how a Python stage is started: one process, or NPROC ranks under torchrun
+if [ "$NPROC" -eq 1 ]; then
+  launch=("$PYTHON")
+else
+  launch=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC")
+fi
 sft=$RUN_DIR/sft
 rm_1=$RUN_DIR/rm_1
 
 # 1. SFT, 2. preference pairs + RM_1, 3. PPO round 1 (the start all three arms share)
 # shellcheck disable=SC2086  # *_ARGS are flag lists, split on purpose
-run_stage "$sft" "$PYTHON" sft.py --out "$sft" "${common[@]}" "${sft_text[@]}" $SFT_ARGS
+run_stage "$sft" "${launch[@]}" sft.py --out "$sft" "${common[@]}" "${sft_text[@]}" $SFT_ARGS
 # shellcheck disable=SC2086
-run_stage "$rm_1" "$PYTHON" reward_model.py --sft "$sft" --prefs "$RUN_DIR/prefs" --out "$rm_1" \
+run_stage "$rm_1" "${launch[@]}" reward_model.py --sft "$sft" --prefs "$RUN_DIR/prefs" --out "$rm_1" \
   "${common[@]}" $PAIRS_ARGS $RM_ARGS
 ppo() {  # ppo OUT INIT KL_REF RM ROUND
   # shellcheck disable=SC2086
-  run_stage "$1" "$PYTHON" ppo.py --out "$1" --init "$2" --kl_ref "$3" --reward_model "$4" \
+  run_stage "$1" "${launch[@]}" ppo.py --out "$1" --init "$2" --kl_ref "$3" --reward_model "$4" \
     --sft "$sft" --seed $((SEED * 100 + $5)) --device "$DEVICE" --updates "$UPDATES" \
     --eval_prompts "$EVAL_PROMPTS" $PPO_ARGS
 }
@@ -252,7 +262,7 @@ ppo "$RUN_DIR/ppo_1" "$sft" "$sft" "$rm_1" 1
 for arm in "${arms[@]}"; do
   if [ "$arm" = dpo ] || [ "$arm" = wpo ]; then
     # shellcheck disable=SC2086
-    run_stage "$RUN_DIR/$arm" "$PYTHON" dpo.py --sft "$sft" --prefs "$RUN_DIR/prefs" \
+    run_stage "$RUN_DIR/$arm" "${launch[@]}" dpo.py --sft "$sft" --prefs "$RUN_DIR/prefs" \
       --reward_model "$rm_1" --out "$RUN_DIR/$arm" --wpo "$([ "$arm" = wpo ] && echo 1 || echo 0)" \
       "${common[@]}" --eval_prompts "$EVAL_PROMPTS" $DPO_PRESET $DPO_ARGS
     continue
@@ -266,7 +276,7 @@ for arm in "${arms[@]}"; do
         rm_k=$RUN_DIR/$arm/rm_$k
         if [ "$arm" = ocrm ]; then refit=($OCRM_ARGS); else refit=(--fresh_pairs "$FRESH_PAIRS"); fi
         # shellcheck disable=SC2086
-        run_stage "$rm_k" "$PYTHON" ocrm_correct.py --policy "$prev" --sft "$sft" \
+        run_stage "$rm_k" "${launch[@]}" ocrm_correct.py --policy "$prev" --sft "$sft" \
           --prefs "$RUN_DIR/prefs" --weights_out "$RUN_DIR/$arm/weights_$k" --out "$rm_k" \
           --reward_model_before "$prev_rm" "${common[@]}" $RM_ARGS "${refit[@]}"
         ppo "$RUN_DIR/$arm/round_$k" "$prev" "$prev" "$rm_k" "$k"

@@ -250,7 +250,8 @@ def main(argv=None):
     # 2. train: cross-entropy on the response tokens (EOS included), prompt and pads excluded
     model.train()
     tokens, train_start = 0, time.time()        # real prompt + response tokens through the model
-    with tqdm(total=total, desc="sft", mininterval=2) as bar:   # closed before any error line
+    # the bar is closed before any error line; under torchrun only rank 0 draws it
+    with tqdm(total=total, desc="sft", mininterval=2, disable=not C.is_main()) as bar:
         for epoch in range(args.epochs):
             order = torch.randperm(N)
             for step in range(steps_per_epoch):
@@ -258,8 +259,9 @@ def main(argv=None):
                 real_tokens = mask[idx].sum()
                 tokens += (query[idx] != tokenizer.pad_token_id).sum().item() + real_tokens.item()
                 opt.zero_grad(set_to_none=True)
-                loss = 0.0
-                for mb in idx.split(micro):          # gradient accumulation over micro-batches
+                loss = torch.zeros((), device=device)
+                # gradient accumulation over micro-batches (of this rank's shard under torchrun)
+                for mb in idx[C.shard(len(idx))].split(micro):
                     q, r, m = query[mb], response[mb], mask[mb]
                     with C.autocast(device):
                         logits = C.response_logits(model, q, r, tokenizer.pad_token_id,
@@ -270,6 +272,8 @@ def main(argv=None):
                     C.check_finite(mb_loss, "loss", "sft", epoch * steps_per_epoch + step + 1)
                     mb_loss.backward()
                     loss += mb_loss.detach()
+                C.sum_gradients(model.parameters())  # torchrun: the global batch's gradient
+                loss = C.all_sum(loss)
                 opt.step()
                 sched.step()
                 bar.update(1)

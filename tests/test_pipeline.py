@@ -672,6 +672,64 @@ def test_run_killed_at_any_point_resumes_to_the_uninterrupted_report(run, tmp_pa
     assert set(report["seconds"]) == set(KILL_STAGES) | {"total"}
 
 
+
+# ----------------------------------------------------------------------------------------------
+# 2b. NPROC=2: every stage under torchrun (2 CPU processes, gloo), one rank killed mid-stage
+# ----------------------------------------------------------------------------------------------
+# A sitecustomize hook for the killed run: rank 1 SIGKILLs itself at its first optimizer step,
+# so the first torchrun stage (sft.py) loses a rank in the middle of training, deterministically.
+KILL_RANK_1 = """\
+import os, signal
+if os.environ.get("RANK") == "1" and os.environ.get("KILL_RANK_1"):
+    import torch.optim
+    def _die(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+    torch.optim.AdamW.step = _die
+"""
+
+
+def torchrun_killed_and_resumed(scratch: Path) -> dict:
+    """The subprocess work of the NPROC=2 test: a run whose rank 1 dies inside sft.py, then the
+    rerun that finishes it (ARMS=ocrm, like the kill test). Started at collection (conftest.py)."""
+    run_dir, hook_dir = scratch / "run", scratch / "hook"
+    hook_dir.mkdir()
+    (hook_dir / "sitecustomize.py").write_text(KILL_RANK_1)
+    pythonpath = os.pathsep.join(filter(None, [str(hook_dir), os.environ.get("PYTHONPATH")]))
+    killed = run_all(run_dir, NPROC="2", ARMS=KILL_ARMS, KILL_RANK_1="1", PYTHONPATH=pythonpath)
+    after_kill = snapshot(run_dir)
+    rerun = run_all(run_dir, NPROC="2", ARMS=KILL_ARMS)
+    return {"run_dir": run_dir, "killed": killed, "after_kill": after_kill, "rerun": rerun,
+            "final": snapshot(run_dir),
+            "report": json.loads((run_dir / "report.json").read_text())
+            if rerun.returncode == 0 else None}
+
+
+BACKGROUND_TESTS["test_nproc_2_writes_the_contract_and_resumes_after_a_rank_dies"] = \
+    lambda scratch: InThread(torchrun_killed_and_resumed, scratch)
+
+
+def test_nproc_2_writes_the_contract_and_resumes_after_a_rank_dies(run, tmp_path):
+    """NPROC=2 bash run_all.sh: a rank SIGKILLed inside a stage fails the run and leaves nothing
+    finished; the rerun completes it with every file of the single-process run's contract (the
+    numbers differ: each rank samples with a generator of its own) and only rank 0's prints."""
+    name = "test_nproc_2_writes_the_contract_and_resumes_after_a_rank_dies"
+    out = (BACKGROUND.get(name) or InThread(torchrun_killed_and_resumed, tmp_path)).result()
+    run_dir, killed = out["run_dir"], out["killed"]
+    assert killed.returncode != 0, "the run went on after a rank died"
+    assert f"== {run_dir / 'sft'}" in killed.stdout
+    assert out["after_kill"]["files"] == set(), "a stage whose rank died left visible output"
+    rerun = out["rerun"]
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+    reference = {f for f in snapshot(run.dir)["files"] if any(f.is_relative_to(o) for o in KILL_OUTPUTS)}
+    assert out["final"]["files"] == reference | REPORT_FILES
+    assert out["final"]["hidden"] == set()
+    for stage in ("sft: final loss", "reward model: held-out", "ocrm: weights ESS"):
+        assert rerun.stdout.count(stage) == 1, stage             # rank 0 prints, rank 1 does not
+    assert rerun.stdout.count("ppo: final gold") == 2            # ppo_1 and ocrm/round_2
+    report = out["report"]
+    assert set(report["arms"]) == {"sft", "ocrm"}
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. Determinism: same seed and inputs, same bytes and the same metrics
 # ----------------------------------------------------------------------------------------------
