@@ -88,7 +88,9 @@ def set_seed(seed: int) -> None:
 
 def pick_device(name: str) -> torch.device:
     """`auto` -> cuda if present else cpu; asking for cuda without one is an error.
-    Under torchrun (WORLD_SIZE > 1) this also joins the process group: see "Past one GPU"."""
+    Under torchrun (WORLD_SIZE > 1) this also joins the process group, and the device is
+    cuda:LOCAL_RANK (one GPU per rank), whatever cuda index was asked for: see "Past one GPU"
+    below and docs/gpu.md."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -138,8 +140,9 @@ def is_main() -> bool:
 
 
 def shard(n: int, chunk: int = 1) -> slice:
-    """This rank's contiguous share of n rows, cut at multiples of `chunk` (a forward batch size,
-    so every rank's forward batches are the single-process ones and their numbers identical)."""
+    """This rank's contiguous share of n rows, cut at multiples of `chunk`. With chunk = the
+    forward batch size, every rank's forward batches are the single-process ones (so scores
+    come out bit-identical); a rank may get no rows."""
     rank, world = rank_and_world()
     chunks = -(-n // chunk)
     return slice(min(n, chunks * rank // world * chunk), min(n, chunks * (rank + 1) // world * chunk))
@@ -176,11 +179,26 @@ def sum_gradients(params) -> None:
     if rank_and_world()[1] == 1:
         return
     import torch.distributed as dist
-    for p in params:
-        if p.requires_grad:
-            if p.grad is None:          # a rank whose shard never reached this parameter
+    params = [p for p in params if p.requires_grad]
+    # a gradient is None where this rank's rows never reached the parameter: zeros then, unless
+    # no rank has one (the policy in PPO's critic warm-up), where it stays None as with one process
+    # (AdamW skips such a parameter; a zero gradient would still decay and step it)
+    has_grad = all_sum(torch.tensor([p.grad is not None for p in params], dtype=torch.float32))
+    for p, anyone in zip(params, has_grad.tolist()):
+        if anyone:
+            if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
+
+
+RANK_SEED = 1_000_003   # rank r samples (pairs, rollouts) with a generator seeded seed + r * this
+
+
+def check_batch_for_ranks(batch_size: int, flag: str = "--batch_size") -> None:
+    """Every torchrun rank needs at least one row of each batch."""
+    world = rank_and_world()[1]
+    if batch_size < world:
+        raise StageError(f"{flag} {batch_size} is smaller than the {world} torchrun processes")
 
 
 def barrier() -> None:
@@ -625,14 +643,12 @@ def atomic_output(out: str | Path):
 
     A later stage (and run_all.sh) only ever sees a finished directory: an interrupted stage
     leaves at most `.NAME.tmp`, which the next attempt deletes and redoes.
-    Under torchrun only rank 0 writes (the other ranks write into a scratch directory that is
-    thrown away); the rename waits until every rank has reached it, so a rank that died before
-    leaves nothing finished, and every rank returns once the directory is there.
+    Under torchrun only rank 0 writes: the other ranks get None instead of a directory (the
+    stages write under `if C.is_main():`). The rename waits until every rank has reached it, so
+    a rank that died before leaves nothing finished, and every rank returns once it is done.
     """
     if not is_main():
-        import tempfile
-        with tempfile.TemporaryDirectory() as scratch:
-            yield Path(scratch)
+        yield None
         barrier()                              # this rank is done ...
         barrier()                              # ... and rank 0 has renamed the output
         return

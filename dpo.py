@@ -117,6 +117,7 @@ def main(argv=None):
     args = parse_args(argv)
     C.check_output(args.out)
     device = C.pick_device(args.device)
+    C.check_batch_for_ranks(args.batch_size)        # torchrun: a share of each batch per rank
     C.set_seed(args.seed)
     start = time.time()
     stage = "wpo" if args.wpo else "dpo"
@@ -186,7 +187,8 @@ def main(argv=None):
                     row["margin"] += (reward_c - reward_r).mean().item() * share
                     row["weight"] += (1.0 if weight is None else weight.mean().item()) * share
                 C.sum_gradients(policy.parameters())       # torchrun: the global gradient
-                row = {k: C.all_sum(torch.tensor(v)).item() for k, v in row.items()}
+                row = dict(zip(row, C.all_sum(torch.tensor(list(row.values()),
+                                                          dtype=torch.float64)).tolist()))
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
                 opt.step()
                 sched.step()
@@ -211,12 +213,13 @@ def main(argv=None):
     final["heldout_preference_accuracy"] = (torch.cat(margin) > 0).float().mean().item()
 
     with C.atomic_output(args.out) as tmp:
-        policy.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-        (tmp / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
-        C.write_json(tmp / "final.json", final)
-        C.write_json(tmp / "dpo_info.json", {"args": vars(args), "seconds": time.time() - start})
+        if C.is_main():                      # under torchrun, only rank 0 writes
+            policy.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+            (tmp / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
+            C.write_json(tmp / "final.json", final)
+            C.write_json(tmp / "dpo_info.json", {"args": vars(args), "seconds": time.time() - start})
     print(f"{stage}: final gold {final['gold']:.3f}, win rate vs SFT {final['win_rate_vs_sft']:.3f}, "
           f"vs reference {final['win_rate_vs_reference']:.3f}, KL to SFT {final['kl_to_sft']:.2f}, "
           f"held-out preference accuracy {final['heldout_preference_accuracy']:.3f}; saved "

@@ -88,6 +88,11 @@ def parse_args(argv=None):
     if args.label is not None and not args.fresh_pairs:
         raise C.StageError("--label labels the new pairs of --fresh_pairs; the weighted refit "
                            "keeps the stored pairs' labels")
+    weight_flags = [f"--{k}" for k in ("alpha", "lam", "normalize", "clip")
+                    if getattr(args, k) != p.get_default(k)]
+    if args.fresh_pairs and weight_flags:
+        raise C.StageError(f"{', '.join(weight_flags)} shape the weights of the stored pairs; "
+                           f"--fresh_pairs fits on new pairs without weights")
     args.label = args.label or "argmax"
     return args
 
@@ -210,6 +215,7 @@ def main(argv=None):
     args = parse_args(argv)
     C.check_output(args.out)
     device = C.pick_device(args.device)
+    C.check_batch_for_ranks(args.batch_size)        # torchrun: a share of each batch per rank
     start = time.time()
     data = RM.load_preferences(args.prefs)
     policy, tokenizer = C.load_policy(args.policy, device, what_to_run="ppo.py")
@@ -218,9 +224,11 @@ def main(argv=None):
     weights_dir = Path(args.weights_out)
     settings = {"alpha": args.alpha, "lam": args.lam, "normalize": bool(args.normalize),
                 "clip": args.clip, "fresh_pairs": args.fresh_pairs, "policy": str(args.policy)}
-    if args.fresh_pairs:   # what the new pairs depend on (the batch size sets the sampling order)
+    if args.fresh_pairs:   # what the new pairs depend on (the batch size and the number of
+        #                    torchrun processes set the sampling order)
         settings.update(label=args.label, seed=args.seed,
-                        forward_batch_size=args.forward_batch_size)
+                        forward_batch_size=args.forward_batch_size,
+                        processes=C.rank_and_world()[1])
     task = T.load_task(args.sft, device)
 
     if weights_dir.exists():   # finished in an earlier, interrupted call: reuse, never recompute
@@ -240,8 +248,9 @@ def main(argv=None):
                     .add_column("weight", w.tolist()))
         settings["diagnostics"] = weight_diagnostics(w)
         with C.atomic_output(weights_dir) as tmp:
-            data.save_to_disk(str(tmp))
-            C.write_json(tmp / "settings.json", settings)
+            if C.is_main():                      # under torchrun, only rank 0 writes
+                data.save_to_disk(str(tmp))
+                C.write_json(tmp / "settings.json", settings)
     diag = json.loads((weights_dir / "settings.json").read_text())["diagnostics"]
     print(f"ocrm: weights ESS {diag['ess_fraction']:.1%} of N, min {diag['min']:.3g}, "
           f"mean {diag['mean']:.3g}, max {diag['max']:.3g}; log10 histogram "

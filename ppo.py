@@ -53,7 +53,6 @@ import common as C
 import task as T
 
 WARMUP_SEED_OFFSET = 7919          # the critic warm-up's prompt stream: seed + this
-RANK_SEED = 1_000_003              # torchrun: rank r samples with seed + r * this
 
 
 def parse_args(argv=None):
@@ -286,7 +285,8 @@ def optimise(update, batch: Rollout, batch_size: int, models: PPOModels, opt, to
             idx = idx[mine] - batch.rows.start                   # its rows held here (all: 1 process)
             tokens = C.all_sum(batch.mask[idx].sum())            # the minibatch's real tokens
             opt.zero_grad(set_to_none=True)
-            for mb in idx.split(args.micro_batch_size or mb_size):   # gradient accumulation
+            pieces = idx.split(args.micro_batch_size or mb_size) if len(idx) else ()
+            for mb in pieces:                # gradient accumulation (none: no rows on this rank)
                 q, r, m = batch.query[mb], batch.response[mb], batch.mask[mb]
                 share = m.sum() / tokens                        # 1.0 for a whole minibatch
                 if not train_policy:         # critic warm-up: L = 0.1 L_vf, the policy stays put
@@ -388,10 +388,8 @@ def main(argv=None):
     B = args.batch_size
     prompts = task.ppo_prompts(args.updates * B, seed=args.seed)
     # torchrun: each rank samples its rows of every batch with a generator of its own
-    rank, world = C.rank_and_world()
-    if B < world:
-        raise C.StageError(f"--batch_size {B} is smaller than the {world} torchrun processes")
-    gen = torch.Generator(device=device).manual_seed(args.seed + RANK_SEED * rank)
+    C.check_batch_for_ranks(B)
+    gen = torch.Generator(device=device).manual_seed(args.seed + C.RANK_SEED * C.rank_and_world()[0])
     held = C.held_out(task, tokenizer, args.eval_prompts, sft, rm, args.forward_batch_size,
                       args.no_eos_score, device)
     metrics, curve = [], []
@@ -436,14 +434,15 @@ def main(argv=None):
     final = C.final_evaluation(policy, held, curve[-1]["kl_to_sft"], "ppo")
 
     with C.atomic_output(args.out) as tmp:
-        policy.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
-        (tmp / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
-        C.write_json(tmp / "final.json", final)
-        C.write_json(tmp / "ppo_info.json", {"args": vars(args), "seconds": time.time() - start,
-                                             "critic_warmup_value_loss": warmup_value_loss,
-                                             **speed})
+        if C.is_main():                      # under torchrun, only rank 0 writes
+            policy.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+            (tmp / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
+            C.write_json(tmp / "final.json", final)
+            C.write_json(tmp / "ppo_info.json", {"args": vars(args), "seconds": time.time() - start,
+                                                 "critic_warmup_value_loss": warmup_value_loss,
+                                                 **speed})
     print(f"ppo: final gold {final['gold']:.3f}, proxy {final['proxy']:.3f}, "
           f"win rate vs SFT {final['win_rate_vs_sft']:.3f}, vs reference "
           f"{final['win_rate_vs_reference']:.3f}, KL to SFT {final['kl_to_sft']:.2f}; "

@@ -47,7 +47,6 @@ from transformers import AutoModelForSequenceClassification
 import common as C
 import task as T
 
-PAIR_RANK_SEED = 1_000_003        # rank r samples its pairs with seed + r * this (torchrun)
 PREF_COLUMNS = ("prompt", "chosen", "rejected", "gold_chosen", "gold_rejected",
                 "logp_sft_chosen", "logp_sft_rejected", "prompt_ids", "chosen_ids", "rejected_ids")
 
@@ -121,7 +120,8 @@ def make_preferences(sft_dir, task, out, num_pairs: int, label: str, seed: int, 
     data = sample_preferences(policy, tokenizer, task, num_pairs, label, seed, device, batch_size,
                               temperature=temperature)
     with C.atomic_output(out) as tmp:
-        data.save_to_disk(str(tmp))
+        if C.is_main():                      # under torchrun, only rank 0 writes
+            data.save_to_disk(str(tmp))
     gold_c, gold_r = torch.tensor(data["gold_chosen"]), torch.tensor(data["gold_rejected"])
     print(f"prefs: {num_pairs} pairs saved to {out}; chosen has strictly higher gold in "
           f"{(gold_c > gold_r).float().mean():.1%} (ties {(gold_c == gold_r).float().mean():.1%})")
@@ -138,7 +138,7 @@ def sample_preferences(policy, tokenizer, task, num_pairs: int, label: str, seed
     # under torchrun each rank samples and labels a contiguous shard of the prompts with a
     # generator of its own (so the pairs differ from a single-process run's, equally distributed)
     rows = C.shard(num_pairs, batch_size)
-    gen = torch.Generator(device=device).manual_seed(seed + PAIR_RANK_SEED * C.rank_and_world()[0])
+    gen = torch.Generator(device=device).manual_seed(seed + C.RANK_SEED * C.rank_and_world()[0])
     responses = torch.zeros(0, 2, task.response_len, dtype=torch.long, device=device)
     logps = torch.zeros(0, 2, device=device)
     for i in tqdm(range(rows.start, rows.stop, batch_size), desc="sample pairs", mininterval=2,
@@ -324,15 +324,17 @@ def fit_reward_model(sft_dir, task, data: datasets.Dataset, args, device, weight
 
 def save_reward_model(rm, tokenizer, info: dict, out) -> None:
     with C.atomic_output(out) as tmp:
-        rm.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        C.write_json(tmp / "rm_info.json", info)
+        if C.is_main():                      # under torchrun, only rank 0 writes
+            rm.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            C.write_json(tmp / "rm_info.json", info)
 
 
 def main(argv=None):
     args = parse_args(argv)
     C.check_output(args.out)
     device = C.pick_device(args.device)
+    C.check_batch_for_ranks(args.batch_size)        # torchrun: a share of each batch per rank
     start = time.time()
     C.load_policy(args.sft, "cpu")                                  # fail early with a clear message
     task = T.load_task(args.sft, device)                            # data and gold, from sft.py

@@ -220,6 +220,7 @@ def main(argv=None):
     args = parse_args(argv)
     C.check_output(args.out)
     device = C.pick_device(args.device)
+    C.check_batch_for_ranks(args.batch_size)        # torchrun: a share of each batch per rank
     C.set_seed(args.seed)
     start = time.time()
 
@@ -283,11 +284,12 @@ def main(argv=None):
 
     # 3. save a plain Hugging Face directory (safetensors) with the tokenizer beside it
     with C.atomic_output(args.out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        T.save_task(task, tmp)
-        C.write_json(tmp / "sft_info.json", {"args": vars(args), "final_loss": loss.item(),
-                                             "seconds": time.time() - start, **speed})
+        if C.is_main():                      # under torchrun, only rank 0 writes
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            T.save_task(task, tmp)
+            C.write_json(tmp / "sft_info.json", {"args": vars(args), "final_loss": loss.item(),
+                                                 "seconds": time.time() - start, **speed})
     print(f"sft: final loss {loss.item():.3f}, {C.throughput_text(speed)}, saved {args.out} "
           f"({time.time() - start:.0f}s)")
 

@@ -49,10 +49,17 @@ def ocrm_argv(ref, base):
             str(base / "rm_2"), *OCRM_FLAGS]
 
 
-def ppo_step(ref: Path, micro: int = 2, rows: slice | None = None) -> dict:
-    """Whitening and one PPO optimise() (2 epochs x 2 minibatches, micro-batches of `micro`, 0:
-    none) on a fixed batch of 16 episodes, on this process's rows of it (all of them with one
-    process; `rows` overrides that, to make a rank that never all-reduces)."""
+def critic_warmup_step(ref: Path) -> bool:
+    """One critic warm-up optimise() (train_policy=False) on the fixed batch: does the policy
+    stay exactly where it was? (AdamW must skip it, as with one process: no gradient on any rank.)"""
+    batch, models, opt, tokenizer, args = fixed_ppo_setup(ref, micro=2, rows=None)
+    before = [p.detach().clone() for p in models.policy.parameters()]
+    ppo.optimise(1, batch, PPO_EPISODES, models, opt, tokenizer, args, train_policy=False)
+    return all(torch.equal(a, p) for a, p in zip(before, models.policy.parameters()))
+
+
+def fixed_ppo_setup(ref: Path, micro: int, rows: slice | None):
+    """The fixed batch of 16 episodes (this process's rows of it), models, optimizer, flags."""
     policy, tokenizer = C.load_policy(ref / "policy", "cpu")
     value, _ = C.load_reward_model(ref / "rm", "cpu")
     value.requires_grad_(True)
@@ -77,10 +84,18 @@ def ppo_step(ref: Path, micro: int = 2, rows: slice | None = None) -> dict:
     models = ppo.PPOModels(policy, value, kl_ref=policy, rm=value, sft=None)
     opt = torch.optim.AdamW(list(policy.parameters()) + list(value.parameters()), lr=1e-3, eps=1e-5)
     torch.manual_seed(7)                                        # the minibatch permutations
+    return batch, models, opt, tokenizer, args
+
+
+def ppo_step(ref: Path, micro: int = 2, rows: slice | None = None) -> dict:
+    """Whitening and one PPO optimise() (2 epochs x 2 minibatches, micro-batches of `micro`, 0:
+    none) on a fixed batch of 16 episodes, on this process's rows of it (all of them with one
+    process; `rows` overrides that, to make a rank that never all-reduces)."""
+    batch, models, opt, tokenizer, args = fixed_ppo_setup(ref, micro, rows)
     ppo.optimise(1, batch, PPO_EPISODES, models, opt, tokenizer, args)
-    return {"rows": (rows.start, rows.stop), "advantages": advantages,
-            "policy": {k: v.detach().clone() for k, v in policy.state_dict().items()},
-            "value": {k: v.detach().clone() for k, v in value.state_dict().items()}}
+    return {"rows": (batch.rows.start, batch.rows.stop), "advantages": batch.advantages,
+            "policy": {k: v.detach().clone() for k, v in models.policy.state_dict().items()},
+            "value": {k: v.detach().clone() for k, v in models.value.state_dict().items()}}
 
 
 def main(work: Path) -> None:
@@ -92,7 +107,8 @@ def main(work: Path) -> None:
     RM.main(rm_argv(ref, ref / "prefs", out / "rm"))          # the reference's pairs: a fit only
     RM.main(rm_argv(ref, out / "prefs", out / "rm_new"))      # pairs sampled here, sharded
     OC.main(ocrm_argv(ref, out))
-    torch.save(ppo_step(ref), out / f"ppo_rank{rank}.pt")
+    torch.save({**ppo_step(ref), "warmup_keeps_policy": critic_warmup_step(ref)},
+               out / f"ppo_rank{rank}.pt")
     C.barrier()
 
 

@@ -144,6 +144,13 @@ def test_ppo_step_under_torchrun_is_the_single_process_step(runs):
     assert gap > 10 * atol, gap
 
 
+def test_critic_warmup_under_torchrun_leaves_the_policy_untouched(runs):
+    """No rank has a policy gradient in a warm-up update; summing would turn None into zeros,
+    and AdamW would then decay and step the policy (it skips a parameter whose gradient is None)."""
+    assert all(r["warmup_keeps_policy"] for r in runs["ranks"])
+    assert W.critic_warmup_step(runs["ref"])                  # and with one process
+
+
 def test_micro_batches_do_not_change_the_ppo_gradient(runs):
     """A minibatch's loss is the token mean over all of it, added micro-batch by micro-batch, so
     micro-batches of 2 (the reference above) and one piece per minibatch take the same steps."""

@@ -77,11 +77,32 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # ----------------------------------------------------------------------------------------------
 # Running things
 # ----------------------------------------------------------------------------------------------
+LIVE: set = set()   # the subprocesses running now (each in a session of its own): InThread.stop
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:                    # already gone
+        pass
+
+
 def run_command(cmd, env=None, timeout=300) -> subprocess.CompletedProcess:
-    """An ordinary subprocess in the repo root, output captured."""
+    """An ordinary subprocess in the repo root, output captured. It runs in a session of its
+    own, so that a timeout, an interrupted test session or InThread.stop() kills it together
+    with the stage it is running."""
     env = {**BASE_ENV, **{k: str(v) for k, v in (env or {}).items()}}
-    return subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    LIVE.add(proc)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:                   # a timeout, or the session is ending
+            kill_group(proc)
+            proc.communicate()
+        LIVE.discard(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def pipeline_env(run_dir: Path, **extra) -> dict:
@@ -619,8 +640,9 @@ class InThread:
             raise self._out["error"]
         return self._out["value"]
 
-    def stop(self):   # the killed runs' process groups are gone already; a rerun ends by itself
-        pass
+    def stop(self):   # kill whatever subprocess the thread is waiting for; the thread then ends
+        for proc in list(LIVE):
+            kill_group(proc)
 
 
 BACKGROUND_TESTS = {"test_run_killed_at_any_point_resumes_to_the_uninterrupted_report":
@@ -914,6 +936,8 @@ BAD_INPUTS = {
     "rm_gradient_checkpointing_on_a_frozen_backbone": ("--train_backbone", lambda r, t: rm_cmd(
         r, t) + ["--gradient_checkpointing", "1"]),
     "ocrm_label_without_fresh_pairs": ("--fresh_pairs", lambda r, t: ocrm_cmd(r, t, "--label", "bt")),
+    "ocrm_weight_flag_with_fresh_pairs": ("--lam", lambda r, t: ocrm_cmd(
+        r, t, "--fresh_pairs", "100", "--lam", "0.5")),
     # weights left by an interrupted call are reused only if they were made the same way
     "ocrm_earlier_weights_other_lam": ("another lam", ocrm_with_earlier_weights_and_another_lam),
 }
