@@ -258,6 +258,16 @@ ppo() {  # ppo OUT INIT KL_REF RM ROUND
 }
 ppo "$RUN_DIR/ppo_1" "$sft" "$sft" "$rm_1" 1
 
+# the fresh-pairs control labels its new pairs as the stored ones were (a --label in PAIRS_ARGS)
+fresh_label=()
+read -r -a pairs_flags <<< "$PAIRS_ARGS"
+for ((i = 0; i < ${#pairs_flags[@]}; i++)); do
+  case "${pairs_flags[i]}" in
+    --label=*) fresh_label=(--label "${pairs_flags[i]#--label=}") ;;
+    --label) fresh_label=(--label "${pairs_flags[i + 1]:-}") ;;
+  esac
+done
+
 # 4. rounds 2..ROUNDS of each arm, all starting from ppo_1; the offline arms in one stage each
 for arm in "${arms[@]}"; do
   if [ "$arm" = dpo ] || [ "$arm" = wpo ]; then
@@ -274,7 +284,8 @@ for arm in "${arms[@]}"; do
       ppo_new_kl) ppo "$RUN_DIR/$arm/round_$k" "$prev" "$prev" "$rm_1" "$k" ;;
       ocrm|fresh_pairs)
         rm_k=$RUN_DIR/$arm/rm_$k
-        if [ "$arm" = ocrm ]; then refit=($OCRM_ARGS); else refit=(--fresh_pairs "$FRESH_PAIRS"); fi
+        if [ "$arm" = ocrm ]; then refit=($OCRM_ARGS)
+        else refit=(--fresh_pairs "$FRESH_PAIRS" "${fresh_label[@]}"); fi
         # shellcheck disable=SC2086
         run_stage "$rm_k" "${launch[@]}" ocrm_correct.py --policy "$prev" --sft "$sft" \
           --prefs "$RUN_DIR/prefs" --weights_out "$RUN_DIR/$arm/weights_$k" --out "$rm_k" \

@@ -1072,3 +1072,38 @@ def test_a_pickle_next_to_the_safetensors_is_never_unpickled(run, tmp_path):
 
     torch.load(tmp_path / "sft" / "pytorch_model.bin", weights_only=False)   # the trap is real
     assert marker.exists()
+
+
+def recorded_calls(tmp_path: Path, **env) -> list[str]:
+    """The Python calls run_all.sh makes, recorded by a stand-in PYTHON (nothing runs)."""
+    tmp_path.mkdir(exist_ok=True)
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "$*" >> "$CALLS"\n')
+    fake.chmod(0o755)
+    calls = tmp_path / "calls"
+    proc = run_command(["bash", "run_all.sh"], env={
+        "PYTHON": fake, "CALLS": calls, "RUN_DIR": tmp_path / "run", "ROUNDS": "2", **env}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return calls.read_text().splitlines()
+
+
+@pytest.mark.parametrize("pairs_args, label", [("--num_pairs 64 --label bt", "bt"),
+                                               ("--label=bt", "bt"), ("--num_pairs 64", None)])
+def test_fresh_pairs_control_labels_like_the_stored_pairs(tmp_path, pairs_args, label):
+    calls = recorded_calls(tmp_path, ARMS="fresh_pairs", PAIRS_ARGS=pairs_args)
+    refit = [c for c in calls if c.startswith("ocrm_correct.py")]
+    assert len(refit) == 1 and "--fresh_pairs 10000" in refit[0]
+    if label is None:
+        assert "--label" not in refit[0]               # ocrm_correct.py's default: argmax
+    else:
+        assert refit[0].endswith(f"--fresh_pairs 10000 --label {label}"), refit[0]
+
+
+def test_nproc_launches_every_python_stage_under_torchrun(tmp_path):
+    calls = recorded_calls(tmp_path, NPROC="3", ARMS="ocrm dpo")
+    stages = [c for c in calls if not c.startswith("report.py")]
+    assert len(stages) == 6                            # sft, rm_1, ppo_1, dpo, ocrm rm_2 and round_2
+    prefix = "-m torch.distributed.run --standalone --nproc_per_node 3 "
+    assert all(c.startswith(prefix) for c in stages), stages
+    assert calls[-1].startswith("report.py")           # the report is one process
+    assert not any(c.startswith(prefix) for c in recorded_calls(tmp_path / "one", ARMS="ocrm"))
