@@ -710,16 +710,22 @@ if os.environ.get("RANK") == "1" and os.environ.get("KILL_RANK_1"):
 """
 
 
+# One round (the shared stages): ocrm_correct.py under torchrun is tests/test_distributed.py's;
+# every torchrun launch costs three interpreters' start-up
+NPROC_RUN = {"NPROC": "2", "ROUNDS": "1", "ARMS": "ocrm"}
+NPROC_OUTPUTS = ["sft", "prefs", "rm_1", "ppo_1"]
+
+
 def torchrun_killed_and_resumed(scratch: Path) -> dict:
     """The subprocess work of the NPROC=2 test: a run whose rank 1 dies inside sft.py, then the
-    rerun that finishes it (ARMS=ocrm, like the kill test). Started at collection (conftest.py)."""
+    rerun that finishes it. Started at collection (conftest.py)."""
     run_dir, hook_dir = scratch / "run", scratch / "hook"
     hook_dir.mkdir()
     (hook_dir / "sitecustomize.py").write_text(KILL_RANK_1)
     pythonpath = os.pathsep.join(filter(None, [str(hook_dir), os.environ.get("PYTHONPATH")]))
-    killed = run_all(run_dir, NPROC="2", ARMS=KILL_ARMS, KILL_RANK_1="1", PYTHONPATH=pythonpath)
+    killed = run_all(run_dir, **NPROC_RUN, KILL_RANK_1="1", PYTHONPATH=pythonpath)
     after_kill = snapshot(run_dir)
-    rerun = run_all(run_dir, NPROC="2", ARMS=KILL_ARMS)
+    rerun = run_all(run_dir, **NPROC_RUN)
     return {"run_dir": run_dir, "killed": killed, "after_kill": after_kill, "rerun": rerun,
             "final": snapshot(run_dir),
             "report": json.loads((run_dir / "report.json").read_text())
@@ -742,14 +748,13 @@ def test_nproc_2_writes_the_contract_and_resumes_after_a_rank_dies(run, tmp_path
     assert out["after_kill"]["files"] == set(), "a stage whose rank died left visible output"
     rerun = out["rerun"]
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
-    reference = {f for f in snapshot(run.dir)["files"] if any(f.is_relative_to(o) for o in KILL_OUTPUTS)}
+    reference = {f for f in snapshot(run.dir)["files"]
+                 if any(f.is_relative_to(o) for o in NPROC_OUTPUTS)}
     assert out["final"]["files"] == reference | REPORT_FILES
     assert out["final"]["hidden"] == set()
-    for stage in ("sft: final loss", "reward model: held-out", "ocrm: weights ESS"):
+    for stage in ("sft: final loss", "reward model: held-out", "ppo: final gold"):
         assert rerun.stdout.count(stage) == 1, stage             # rank 0 prints, rank 1 does not
-    assert rerun.stdout.count("ppo: final gold") == 2            # ppo_1 and ocrm/round_2
-    report = out["report"]
-    assert set(report["arms"]) == {"sft", "ocrm"}
+    assert "sft" in out["report"]["arms"]
 
 
 # ----------------------------------------------------------------------------------------------
