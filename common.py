@@ -644,7 +644,7 @@ def atomic_output(out: str | Path):
     A later stage (and run_all.sh) only ever sees a finished directory: an interrupted stage
     leaves at most `.NAME.tmp`, which the next attempt deletes and redoes.
     Under torchrun only rank 0 writes: the other ranks get None instead of a directory (the
-    stages write under `if C.is_main():`). The rename waits until every rank has reached it, so
+    stages write under `if C.is_main():`, or through save_checkpoint). The rename waits until every rank has reached it, so
     a rank that died before leaves nothing finished, and every rank returns once it is done.
     """
     if not is_main():
@@ -670,6 +670,21 @@ def atomic_output(out: str | Path):
     barrier()                                  # every rank is done (a no-op with one process)
     os.replace(tmp, out)
     barrier()
+
+
+def save_checkpoint(out: str | Path, model, tokenizer, files: dict) -> None:
+    """A stage's model directory, written atomically (by rank 0 alone under torchrun): the model
+    and tokenizer (save_pretrained: safetensors, config, tokenizer files) and `files`, each
+    name -> a list (one JSON line per item) or anything else (one JSON document)."""
+    with atomic_output(out) as tmp:
+        if is_main():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            for name, content in files.items():
+                if isinstance(content, list):
+                    (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in content))
+                else:
+                    write_json(tmp / name, content)
 
 
 def throughput(device: torch.device, tokens: int, seconds: float) -> dict:

@@ -38,7 +38,6 @@ chosen). The pairs are the RM's training split (its held-out 10% give the held-o
 accuracy of the implicit reward).
 """
 import argparse
-import json
 import math
 import time
 
@@ -212,14 +211,9 @@ def main(argv=None):
             margin.append((lp[0] - lp[2]) - (lp[1] - lp[3]))
     final["heldout_preference_accuracy"] = (torch.cat(margin) > 0).float().mean().item()
 
-    with C.atomic_output(args.out) as tmp:
-        if C.is_main():                      # under torchrun, only rank 0 writes
-            policy.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-            (tmp / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
-            C.write_json(tmp / "final.json", final)
-            C.write_json(tmp / "dpo_info.json", {"args": vars(args), "seconds": time.time() - start})
+    C.save_checkpoint(args.out, policy, tokenizer, {
+        "metrics.jsonl": log, "eval.jsonl": curve, "final.json": final,
+        "dpo_info.json": {"args": vars(args), "seconds": time.time() - start}})
     print(f"{stage}: final gold {final['gold']:.3f}, win rate vs SFT {final['win_rate_vs_sft']:.3f}, "
           f"vs reference {final['win_rate_vs_reference']:.3f}, KL to SFT {final['kl_to_sft']:.2f}, "
           f"held-out preference accuracy {final['heldout_preference_accuracy']:.3f}; saved "

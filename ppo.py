@@ -40,7 +40,6 @@ embedded task's ~100k-parameter policy needs lr 1e-4 instead of 3e-6 and uses be
 the paper's 0.05 (presets pass 0.05): docs/experiments.md has the measurements.
 """
 import argparse
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -433,16 +432,10 @@ def main(argv=None):
     #    responses and against the dataset's reference responses (the paper's headline metric)
     final = C.final_evaluation(policy, held, curve[-1]["kl_to_sft"], "ppo")
 
-    with C.atomic_output(args.out) as tmp:
-        if C.is_main():                      # under torchrun, only rank 0 writes
-            policy.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
-            (tmp / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
-            C.write_json(tmp / "final.json", final)
-            C.write_json(tmp / "ppo_info.json", {"args": vars(args), "seconds": time.time() - start,
-                                                 "critic_warmup_value_loss": warmup_value_loss,
-                                                 **speed})
+    C.save_checkpoint(args.out, policy, tokenizer, {
+        "metrics.jsonl": metrics, "eval.jsonl": curve, "final.json": final,
+        "ppo_info.json": {"args": vars(args), "seconds": time.time() - start,
+                          "critic_warmup_value_loss": warmup_value_loss, **speed}})
     print(f"ppo: final gold {final['gold']:.3f}, proxy {final['proxy']:.3f}, "
           f"win rate vs SFT {final['win_rate_vs_sft']:.3f}, vs reference "
           f"{final['win_rate_vs_reference']:.3f}, KL to SFT {final['kl_to_sft']:.2f}; "

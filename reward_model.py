@@ -139,17 +139,19 @@ def sample_preferences(policy, tokenizer, task, num_pairs: int, label: str, seed
     # generator of its own (so the pairs differ from a single-process run's, equally distributed)
     rows = C.shard(num_pairs, batch_size)
     gen = torch.Generator(device=device).manual_seed(seed + C.RANK_SEED * C.rank_and_world()[0])
-    responses = torch.zeros(0, 2, task.response_len, dtype=torch.long, device=device)
-    logps = torch.zeros(0, 2, device=device)
+    # an empty first piece: a rank may have no rows
+    responses = [torch.zeros(0, 2, task.response_len, dtype=torch.long, device=device)]
+    logps = [torch.zeros(0, 2, device=device)]
     for i in tqdm(range(rows.start, rows.stop, batch_size), desc="sample pairs", mininterval=2,
                   disable=not C.is_main()):
         q = query[i:min(i + batch_size, rows.stop)]
         pair = [C.sample(policy, q, pad, eos, task.response_len, temperature, gen, stage=stage)[0]
                 for _ in range(2)]
-        responses = torch.cat([responses, torch.stack(pair, dim=1)])           # (b, 2, R)
+        responses.append(torch.stack(pair, dim=1))                             # (b, 2, R)
         # l_sft through the same function ocrm_correct.py uses for l_k (same code path, float32)
-        logps = torch.cat([logps, torch.stack([C.sequence_logprobs(
-            policy, q, r, pad, eos, temperature, batch_size) for r in pair], 1)])
+        logps.append(torch.stack([C.sequence_logprobs(policy, q, r, pad, eos, temperature, batch_size)
+                                  for r in pair], 1))
+    responses, logps = torch.cat(responses), torch.cat(logps)                   # (n, 2, R), (n, 2)
     texts, ended = zip(*(C.decode_responses(tokenizer, responses[:, j], eos) for j in range(2)))
     gold = torch.stack([task.gold(prompts[rows], list(texts[j]), list(ended[j])) for j in range(2)],
                        dim=1) if texts[0] else torch.zeros(0, 2)                # (n, 2)
@@ -323,11 +325,7 @@ def fit_reward_model(sft_dir, task, data: datasets.Dataset, args, device, weight
 
 
 def save_reward_model(rm, tokenizer, info: dict, out) -> None:
-    with C.atomic_output(out) as tmp:
-        if C.is_main():                      # under torchrun, only rank 0 writes
-            rm.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            C.write_json(tmp / "rm_info.json", info)
+    C.save_checkpoint(out, rm, tokenizer, {"rm_info.json": info})
 
 
 def main(argv=None):

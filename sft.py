@@ -283,13 +283,10 @@ def main(argv=None):
     speed = C.throughput(device, tokens, time.time() - train_start)
 
     # 3. save a plain Hugging Face directory (safetensors) with the tokenizer beside it
-    with C.atomic_output(args.out) as tmp:
-        if C.is_main():                      # under torchrun, only rank 0 writes
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            T.save_task(task, tmp)
-            C.write_json(tmp / "sft_info.json", {"args": vars(args), "final_loss": loss.item(),
-                                                 "seconds": time.time() - start, **speed})
+    C.save_checkpoint(args.out, model, tokenizer, {
+        T.TASK_FILE: task.spec,                  # the task every later stage reads (T.load_task)
+        "sft_info.json": {"args": vars(args), "final_loss": loss.item(),
+                          "seconds": time.time() - start, **speed}})
     print(f"sft: final loss {loss.item():.3f}, {C.throughput_text(speed)}, saved {args.out} "
           f"({time.time() - start:.0f}s)")
 

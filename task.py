@@ -462,10 +462,6 @@ class TextTask:
 TASK_FILE = "task.json"
 
 
-def save_task(task, directory: Path) -> None:
-    C.write_json(Path(directory) / TASK_FILE, task.spec)
-
-
 def load_task(sft_dir, device="cpu"):
     """The task a run's SFT stage was made with (sft.py writes task.json beside the policy)."""
     file = Path(sft_dir) / TASK_FILE

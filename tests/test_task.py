@@ -153,7 +153,7 @@ def test_flags_choose_a_member_and_change_its_knobs(tmp_path):
                     "item_values": list(T.SIGNED_VALUES), "mistake_penalty": 2.0,
                     "length_cost": 0.0, "separator": "and"}
     # written to task.json, and the same task comes back from it
-    T.save_task(SFT.make_task(args), tmp_path)
+    C.write_json(tmp_path / T.TASK_FILE, SFT.make_task(args).spec)     # as sft.py writes it
     assert json.loads((tmp_path / "task.json").read_text()) == spec
     assert T.load_task(tmp_path).spec == spec
     default = SFT.make_task(SFT.parse_args(["--out", str(tmp_path / "y")])).spec
