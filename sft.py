@@ -70,11 +70,6 @@ def item_values(text: str) -> list[float]:
 TOY_KNOBS = ("prompt_sizes", "reference_lengths", "reference_mistake_rate", "item_values",
              "mistake_penalty", "length_cost", "separator")
 TINY_GPT2 = {"n_layer": 2, "n_embd": 64, "n_head": 4}
-# flags of the paper's setting that the embedded task has no use for (an error without --dataset)
-TEXT_FLAGS = ("dataset_config", "train_splits", "held_out_split", "prompt_field",
-              "prompt_template", "truncate_field", "response_field", "max_prompt_len",
-              "response_prefix", "response_len", "gold_model", "gold_batch_size", "gold_max_len",
-              "gradient_checkpointing")
 
 
 def parse_args(argv=None):
@@ -91,8 +86,6 @@ def parse_args(argv=None):
     p.add_argument("--micro_batch_size", type=int, default=0,
                    help="examples per forward/backward; gradients accumulate over a batch "
                         "(0: the whole batch at once)")
-    p.add_argument("--gradient_checkpointing", type=int, default=0,
-                   help="1: recompute activations in the backward pass (less memory, ~30%% slower)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate, linear decay to 0")
     t = p.add_argument_group("the embedded task (task.py): a named member, and its knobs (unset: "
                              "the member's value); an error with --dataset")
@@ -120,40 +113,47 @@ def parse_args(argv=None):
     t.add_argument("--n_head", type=int, default=None, help="attention heads of the tiny GPT-2 (4)")
     g = p.add_argument_group("the paper's setting: used with --model and --dataset (an error with "
                              "the embedded task)")
+    text_flags = []   # every flag of this group after --model / --dataset: set, an error on the toy
+
+    def text_flag(name, **kw):
+        text_flags.append(g.add_argument(name, **kw).dest)
+
     g.add_argument("--model", default=None,
                    help="causal LM name or path to fine-tune instead of the tiny GPT-2, "
                         "e.g. EleutherAI/pythia-1b-deduped")
     g.add_argument("--dataset", default=None,
                    help="hub dataset name or local .json/.jsonl file of prompts and references, "
                         "e.g. vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144")
-    g.add_argument("--dataset_config", default=None, help="the hub dataset's configuration")
-    g.add_argument("--train_splits", type=lambda t: t.split(","), default=None,
-                   help="comma-separated splits that make the training rows (unset: train)")
-    g.add_argument("--held_out_split", default=None,
-                   help="the held-out split (unset: validation, else test, else every 10th "
-                        "training row)")
-    g.add_argument("--prompt_field", default="query", help="the dataset's prompt column")
-    g.add_argument("--prompt_template", default=None,
-                   help="build the prompt from named columns instead, e.g. AlpacaFarm's "
-                        "'INSTRUCTION: {instruction} \\n\\nINPUT: {input}\\n\\nREPLY:' (\\n "
-                        "is a newline)")
-    g.add_argument("--truncate_field", default=None,
-                   help="with --prompt_template: the column cut (at newlines first) until the "
-                        "prompt fits --max_prompt_len")
-    g.add_argument("--response_field", default="reference_response",
-                   help="the dataset's reference-response column")
-    g.add_argument("--max_prompt_len", type=int, default=512,
-                   help="prompt tokens kept (the last ones), left-padded")
-    g.add_argument("--response_prefix", default="",
-                   help="text put before every reference response (' ' after a prompt ending in "
-                        "'REPLY:')")
-    g.add_argument("--response_len", type=int, default=53, help="max response tokens (with EOS)")
-    g.add_argument("--gold_model", default="Skywork/Skywork-Reward-Llama-3.1-8B-v0.2",
-                   help="sequence-classification model (name or path) that later stages use as "
-                        "the gold reward, with its own tokenizer and chat template")
-    g.add_argument("--gold_batch_size", type=int, default=16, help="sequences per gold-RM forward")
-    g.add_argument("--gold_max_len", type=int, default=1024,
-                   help="gold-tokenizer tokens kept per sequence (the start is cut)")
+    text_flag("--dataset_config", default=None, help="the hub dataset's configuration")
+    text_flag("--train_splits", type=lambda t: t.split(","), default=None,
+              help="comma-separated splits that make the training rows (unset: train)")
+    text_flag("--held_out_split", default=None,
+              help="the held-out split (unset: validation, else test, else every 10th "
+                   "training row)")
+    text_flag("--prompt_field", default="query", help="the dataset's prompt column")
+    text_flag("--prompt_template", default=None,
+              help="build the prompt from named columns instead, e.g. AlpacaFarm's "
+                   "'INSTRUCTION: {instruction} \\n\\nINPUT: {input}\\n\\nREPLY:' (\\n "
+                   "is a newline)")
+    text_flag("--truncate_field", default=None,
+              help="with --prompt_template: the column cut (at newlines first) until the "
+                   "prompt fits --max_prompt_len")
+    text_flag("--response_field", default="reference_response",
+              help="the dataset's reference-response column")
+    text_flag("--max_prompt_len", type=int, default=512,
+              help="prompt tokens kept (the last ones), left-padded")
+    text_flag("--response_prefix", default="",
+              help="text put before every reference response (' ' after a prompt ending in "
+                   "'REPLY:')")
+    text_flag("--response_len", type=int, default=53, help="max response tokens (with EOS)")
+    text_flag("--gold_model", default="Skywork/Skywork-Reward-Llama-3.1-8B-v0.2",
+              help="sequence-classification model (name or path) that later stages use as "
+                   "the gold reward, with its own tokenizer and chat template")
+    text_flag("--gold_batch_size", type=int, default=16, help="sequences per gold-RM forward")
+    text_flag("--gradient_checkpointing", type=int, default=0,
+              help="1: recompute activations in the backward pass (less memory, ~30%% slower)")
+    text_flag("--gold_max_len", type=int, default=1024,
+              help="gold-tokenizer tokens kept per sequence (the start is cut)")
     args = p.parse_args(argv)
     if args.prompt_template is not None:     # a newline is hard to pass through run_all.sh's *_ARGS
         args.prompt_template = args.prompt_template.replace("\\n", "\n")
@@ -170,7 +170,7 @@ def parse_args(argv=None):
             raise C.StageError(f"{', '.join(given)} shape the embedded task and its tiny GPT-2; "
                                f"they do nothing with --dataset / --model")
     else:
-        given = [f"--{k}" for k in TEXT_FLAGS if getattr(args, k) != p.get_default(k)]
+        given = [f"--{k}" for k in text_flags if getattr(args, k) != p.get_default(k)]
         if given:
             raise C.StageError(f"{', '.join(given)} apply to --model / --dataset only; the "
                                f"embedded task ignores them")

@@ -4,6 +4,8 @@ checked against hand-computed values and direct counts; and sft.py's flags that 
     python -m pytest tests/test_task.py -q
 """
 import collections
+import contextlib
+import io
 import itertools
 import json
 import math
@@ -173,6 +175,34 @@ def test_flags_choose_a_member_and_change_its_knobs(tmp_path):
 def test_bad_task_flags_are_one_line_errors(tmp_path, argv, message):
     with pytest.raises(C.StageError, match=message):
         SFT.make_task(SFT.parse_args(["--out", str(tmp_path / "x"), *argv]))
+
+
+# every flag of sft.py's "paper's setting" group, each with a value other than its default
+PAPER_SETTING_FLAGS = [
+    ("--dataset_config", "3.0.0"), ("--train_splits", "a,b"), ("--held_out_split", "val"),
+    ("--prompt_field", "post"), ("--prompt_template", "Q: {q}"), ("--response_field", "summary"),
+    ("--max_prompt_len", "64"), ("--response_prefix", " "), ("--response_len", "10"),
+    ("--gold_model", "some/rm"), ("--gold_batch_size", "4"), ("--gold_max_len", "128"),
+    ("--gradient_checkpointing", "1"),
+]
+
+
+@pytest.mark.parametrize("flag, value", PAPER_SETTING_FLAGS)
+def test_a_flag_of_the_papers_setting_is_an_error_on_the_embedded_task(tmp_path, flag, value):
+    with pytest.raises(C.StageError, match=f"{flag} apply to --model / --dataset only"):
+        SFT.parse_args(["--out", str(tmp_path / "x"), flag, value])
+
+
+def test_the_paper_setting_list_above_is_the_whole_group():
+    """Every option of the group's --help section is in PAPER_SETTING_FLAGS (a new flag must be
+    added there, so that the test above covers it)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        SFT.parse_args(["--help"])
+    section = out.getvalue().split("the paper's setting")[1]
+    flags = {w.rstrip(",:") for w in section.split() if w.startswith("--")}
+    # --truncate_field is only legal together with a --prompt_template naming it (its own test)
+    assert flags - {"--model", "--dataset", "--truncate_field"} == {f for f, _ in PAPER_SETTING_FLAGS}
 
 
 def test_an_sft_directory_without_task_json_is_refused(tmp_path):
