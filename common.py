@@ -446,6 +446,10 @@ class HeldOut:
     no_eos_score: float                  # the RM score of a response that never ends
 
 
+EVAL_PROMPTS = 512   # held-out prompts of every arm's evaluation (ppo.py, dpo.py): report.py compares
+#                      arms only on the same set, so both default to this one number
+
+
 def held_out(task, tokenizer, n: int, sft, rm, batch_size: int, no_eos_score: float, device) -> HeldOut:
     prompts, references = task.eval_examples(n)
     query = encode_prompts(tokenizer, prompts, task.max_prompt_len).to(device)

@@ -71,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--heldout_fraction", type=float, default=0.1,
                    help="pairs kept out (the RM's held-out split, same seed)")
     p.add_argument("--eval_every", type=int, default=25, help="steps between held-out evaluations")
-    p.add_argument("--eval_prompts", type=int, default=512, help="size of the held-out prompt set")
+    p.add_argument("--eval_prompts", type=int, default=C.EVAL_PROMPTS, help="size of the held-out prompt set")
     p.add_argument("--temperature", type=float, default=0.7,
                    help="sampling temperature of the evaluations' curve (the PPO arms')")
     p.add_argument("--no_eos_score", type=float, default=-1.0, help="RM score of a response with no EOS")

@@ -86,7 +86,7 @@ def parse_args(argv=None):
                    help="value-only updates before the policy's first update (on rollouts of "
                         "their own; the policy does not move and the lr schedule does not start)")
     p.add_argument("--eval_every", type=int, default=10, help="updates between held-out evaluations")
-    p.add_argument("--eval_prompts", type=int, default=512, help="size of the fixed held-out prompt set")
+    p.add_argument("--eval_prompts", type=int, default=C.EVAL_PROMPTS, help="size of the fixed held-out prompt set")
     p.add_argument("--micro_batch_size", type=int, default=0,
                    help="episodes per forward/backward inside a minibatch; gradients accumulate "
                         "(0: the whole minibatch at once)")

@@ -24,8 +24,9 @@
 #     fresh_pairs  KL to pi_{k-1}, reward RM_k fitted on FRESH_PAIRS new gold-labelled pairs
 #                  sampled from pi_{k-1}, unweighted: what the weights imitate, with new labels
 #   DPO_ARGS   extra flags for dpo.py (both dpo and wpo) e.g. "--lr 1e-4"
-#   EVAL_PROMPTS=512  held-out prompts of every arm's evaluation (the arms must share them to be
-#              compared; the presets set their own)
+#   EVAL_PROMPTS held-out prompts of every arm's evaluation (the arms must share them to be
+#              compared; unset: ppo.py's and dpo.py's one default, common.EVAL_PROMPTS; the
+#              presets set their own)
 #   FRESH_PAIRS=10000
 #   NPROC=1    processes per stage: above 1, every Python stage runs under
 #              `torchrun --standalone --nproc_per_node NPROC` (one per GPU; gloo on a CPU), each
@@ -138,7 +139,7 @@ OCRM_ARGS=${OCRM_ARGS:-}
 ARMS=${ARMS:-standard_rlhf ppo_new_kl ocrm dpo wpo}
 DPO_ARGS=${DPO_ARGS:-}
 FRESH_PAIRS=${FRESH_PAIRS:-10000}
-eval_prompts=512
+eval_prompts=""   # the presets set it; the embedded task uses the scripts' default
 read -r -a arms <<< "$ARMS"
 for arm in "${arms[@]}"; do
   case "$arm" in
@@ -213,7 +214,7 @@ SFT_ARGS="$SFT_PRESET $SFT_ARGS" PAIRS_ARGS="$PAIRS_PRESET $PAIRS_ARGS"
 RM_ARGS="$RM_PRESET $RM_ARGS" PPO_ARGS="$PPO_PRESET $PPO_ARGS" OCRM_ARGS="$OCRM_PRESET $OCRM_ARGS"
 
 NPROC=${NPROC:-1}
-for name in SEED ROUNDS UPDATES FRESH_PAIRS EVAL_PROMPTS NPROC; do
+for name in SEED ROUNDS UPDATES FRESH_PAIRS NPROC ${EVAL_PROMPTS:+EVAL_PROMPTS}; do
   value=${!name}
   if ! [[ "$value" =~ ^[0-9]+$ ]] || [ "$value" -lt 1 ]; then
     echo "error: $name must be a positive integer, got '$value'" >&2
@@ -235,6 +236,8 @@ run_stage() {
 }
 
 common=(--seed "$SEED" --device "$DEVICE")
+eval_flag=()
+[ -n "$EVAL_PROMPTS" ] && eval_flag=(--eval_prompts "$EVAL_PROMPTS")
 # how a Python stage is started: one process, or NPROC ranks under torchrun
 if [ "$NPROC" -eq 1 ]; then
   launch=("$PYTHON")
@@ -254,7 +257,7 @@ ppo() {  # ppo OUT INIT KL_REF RM ROUND
   # shellcheck disable=SC2086
   run_stage "$1" "${launch[@]}" ppo.py --out "$1" --init "$2" --kl_ref "$3" --reward_model "$4" \
     --sft "$sft" --seed $((SEED * 100 + $5)) --device "$DEVICE" --updates "$UPDATES" \
-    --eval_prompts "$EVAL_PROMPTS" $PPO_ARGS
+    "${eval_flag[@]}" $PPO_ARGS
 }
 ppo "$RUN_DIR/ppo_1" "$sft" "$sft" "$rm_1" 1
 
@@ -274,7 +277,7 @@ for arm in "${arms[@]}"; do
     # shellcheck disable=SC2086
     run_stage "$RUN_DIR/$arm" "${launch[@]}" dpo.py --sft "$sft" --prefs "$RUN_DIR/prefs" \
       --reward_model "$rm_1" --out "$RUN_DIR/$arm" --wpo "$([ "$arm" = wpo ] && echo 1 || echo 0)" \
-      "${common[@]}" --eval_prompts "$EVAL_PROMPTS" $DPO_PRESET $DPO_ARGS
+      "${common[@]}" "${eval_flag[@]}" $DPO_PRESET $DPO_ARGS
     continue
   fi
   prev=$RUN_DIR/ppo_1 prev_rm=$rm_1

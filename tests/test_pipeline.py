@@ -1112,3 +1112,17 @@ def test_nproc_launches_every_python_stage_under_torchrun(tmp_path):
     assert all(c.startswith(prefix) for c in stages), stages
     assert calls[-1].startswith("report.py")           # the report is one process
     assert not any(c.startswith(prefix) for c in recorded_calls(tmp_path / "one", ARMS="ocrm"))
+
+
+def test_eval_prompts_reach_every_evaluating_stage_and_unset_leaves_the_scripts_default(tmp_path):
+    def evaluating(calls):
+        return [c for c in calls if c.startswith(("ppo.py", "dpo.py"))]
+    unset = evaluating(recorded_calls(tmp_path / "unset", ARMS="standard_rlhf dpo"))
+    assert len(unset) == 3 and not any("--eval_prompts" in c for c in unset), unset
+    import dpo
+    import ppo
+    assert ppo.parse_args(["--out", "o", "--init", "i", "--kl_ref", "k", "--reward_model", "r",
+                           "--sft", "s"]).eval_prompts == \
+        dpo.parse_args(["--sft", "s", "--prefs", "p", "--reward_model", "r", "--out", "o"]).eval_prompts
+    given = evaluating(recorded_calls(tmp_path / "set", ARMS="standard_rlhf dpo", EVAL_PROMPTS="7"))
+    assert len(given) == 3 and all("--eval_prompts 7" in c for c in given), given
