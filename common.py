@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# `datasets` is imported only by the modules that read or write datasets (it costs ~1 s of start-up
-# per stage); its progress bars are off wherever it is imported later
+# `datasets` is imported only by the modules that read or write datasets (its import is a large
+# share of a stage's start-up); its progress bars are off wherever it is imported later
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 import transformers  # noqa: E402
 from transformers import (  # noqa: E402
@@ -189,6 +189,12 @@ def sum_gradients(params) -> None:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """True when two loaded models hold the same parameters, wherever they were loaded from."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 RANK_SEED = 1_000_003   # rank r samples (pairs, rollouts) with a generator seeded seed + r * this
@@ -541,8 +547,8 @@ def _check_checkpoint(path: str | Path, kind: str, what_to_run: str) -> dict:
 
 
 # The embedded GPT-2 is tiny (2 layers, width 64, ~25-token sequences). At that size plain
-# matmul-softmax ("eager") attention is faster on a CPU than SDPA's fused kernel: -15% per PPO
-# update and -9% per RM step (benchmarks/ppo_throughput.py). transformers does not save that
+# matmul-softmax ("eager") attention is faster on a CPU than SDPA's fused kernel (measured in
+# benchmarks/README.md). transformers does not save that
 # choice in config.json, so sft.py records it under ATTENTION_KEY (saved like any config field,
 # and inherited by every RM and policy made from that SFT model) and every loader applies it.
 # Hub models lack the key and keep the library's default, SDPA, the right kernel at 1B and 565

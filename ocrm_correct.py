@@ -1,4 +1,4 @@
-"""Stage 4: off-policy correction of the reward model (docs/method.md section 2, section 3 step 6a-b).
+"""Stage 4: off-policy correction of the reward model (docs/method.md section 2, section 3 step 6).
 
 The RM was fitted on pairs drawn from pi_sft, but PPO now uses it on responses from pi_k.
 Re-weight every stored pair by how much more likely it is under pi_k and refit:
@@ -27,12 +27,12 @@ Out: --weights_out  the prefs columns + logp_policy_chosen/rejected + weight (sa
 A control, not part of OCRM: `--fresh_pairs N` skips the weights and fits RM_k on N new pairs
 sampled from pi_k and labelled by the gold reward (weights 1; settings.json records N). That is
 the on-policy refit the weights try to imitate without new labels, so it bounds what any alpha,
-lam, normalisation or clipping can achieve on a task (run_all.sh: OCRM_ARGS="--fresh_pairs 10000").
+lam, normalisation or clipping can achieve on a task (run_all.sh: the arm fresh_pairs in ARMS).
 
 Departures: the authors' code adds 1e-36 inside the log in float32, which underflows once both
 log-probs fall below about -87 and then returns a wrong ratio; here the ratio is computed with
 logaddexp, exactly, for any log-prob. The embedded task's responses are short (summed log-probs
-around -5 to -30 instead of -100s), so its lam (0.3) is larger than the authors' 0.001; how it was
+of a few tokens instead of 53), so its lam is larger than the authors' 0.001; how it was
 chosen, with the policy-pair diagnostic below (RM accuracy vs gold on fresh pairs of the policy
 being corrected), is in docs/experiments.md.
 """

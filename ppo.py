@@ -42,7 +42,6 @@ the paper's 0.05 (presets pass 0.05): docs/experiments.md has the measurements.
 import argparse
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -66,8 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--updates", type=int, default=100, help="PPO updates (batches) in this stage")
     p.add_argument("--batch_size", type=int, default=128,
-                   help="episodes (prompts) per update (128 on the toy: at 64 the seeds' trajectories "
-                        "were too chaotic to compare arms, docs/experiments.md v14)")
+                   help="episodes (prompts) per update (128 on the toy: docs/experiments.md v14 "
+                        "says why)")
     p.add_argument("--minibatches", type=int, default=2, help="minibatches per PPO epoch")
     p.add_argument("--ppo_epochs", type=int, default=4, help="passes over each batch")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, linear decay to 0")
@@ -398,8 +397,11 @@ def main(argv=None):
         curve.append({"update": update, "episodes": update * B, **stats})
 
     eval_point(0)
-    # the same directory (however it is spelled): KL to SFT is the KL penalty's own, no second forward
-    same = Path(args.sft).resolve() == Path(args.kl_ref).resolve()
+    # the KL reference is the SFT policy (standard RLHF, round 1): KL to SFT is then the KL
+    # penalty's own, no second forward, and one copy of the weights is enough
+    same = C.same_weights(kl_ref, sft)
+    if same:
+        kl_ref = sft
     models = PPOModels(policy, value_model, kl_ref, rm, sft=None if same else sft)
     # critic warm-up (OpenRLHF's --freezing_actor_steps): the value model, a copy of the RM, has
     # only been fitted at EOS states; a few value-only updates fit it at every state before its

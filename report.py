@@ -119,7 +119,7 @@ def overoptimization(curve: list[dict]) -> dict:
     """Where the gold curve peaks, and how gold and proxy end relative to that peak."""
     peak = max(curve, key=lambda p: p["gold"])
     return {"peak_gold": peak["gold"], "peak_episodes": peak["episodes"],
-            "peak_gold_se": peak.get("gold_se"),
+            "peak_gold_se": peak["gold_se"],
             "proxy_at_peak": peak["proxy"], "final_gold": curve[-1]["gold"],
             "final_proxy": curve[-1]["proxy"],
             "gold_drop_from_peak": peak["gold"] - curve[-1]["gold"],

@@ -7,7 +7,7 @@
    `--pair_temperature T` samples at T instead and stores l_sft at that same T: the
    log-density the pairs were really drawn from, so OCRM's weights stay exact importance
    weights towards pi_k at T = 1.0. Not the paper's setting (T = 1.0): a knob for how far the
-   stored pairs reach (README, "Levers measured since").
+   stored pairs reach (docs/experiments.md, "Levers measured since").
 2. Label each pair with the gold reward: the higher gold score wins (`--label argmax`, the
    authors' choice; ties are broken by a fair coin) or a Bradley-Terry draw
    P(y1 > y0) = sigmoid(gold(y1) - gold(y0)) (`--label bt`).
@@ -17,7 +17,8 @@
 4. Centre: bias = mean RM score on held-out reference responses, stored in the checkpoint's
    config as `reward_bias` and subtracted whenever the RM is used, so rewards are centred.
 
-In : --sft  (sft.py output)   --prefs (created here if missing; reused if present)
+In : --sft  (sft.py output)   --prefs (created here if missing; reused if present, and then
+     --num_pairs, --label, --pair_temperature and --seed must be the ones it was made with)
 Out: --prefs a `datasets` dataset (save_to_disk) with prompt, chosen, rejected, gold_*, logp_sft_*,
      prompt_ids, chosen_ids, rejected_ids
      --out   an AutoModelForSequenceClassification directory (+ tokenizer, rm_info.json)
@@ -34,6 +35,7 @@ whole (or last-block) RM learns the gold reward well enough that PPO does not ov
 (docs/experiments.md); --train_last_blocks K trains the last K blocks, in between.
 """
 import argparse
+import json
 import random
 import time
 from pathlib import Path
@@ -114,6 +116,29 @@ def check_fit_args(args) -> None:
 # ----------------------------------------------------------------------------------------------
 # 1-2. Sample and label the pairs once
 # ----------------------------------------------------------------------------------------------
+PAIRS_SETTINGS = "pairs_settings.json"   # next to the dataset: the flags the pairs were made with
+
+
+def pair_settings(num_pairs: int, label: str, seed: int, temperature: float) -> dict:
+    """What the stored pairs depend on (the number of torchrun processes sets the sampling order)."""
+    return {"num_pairs": num_pairs, "label": label, "seed": seed, "pair_temperature": temperature,
+            "processes": C.rank_and_world()[1]}
+
+
+def check_pairs_match(prefs, wanted: dict) -> None:
+    """Reused pairs must have been made with the flags of this call: a silently ignored
+    --num_pairs or --label would fit an RM on other pairs than the command line says."""
+    file = Path(prefs) / PAIRS_SETTINGS
+    if not file.is_file():          # a dataset made elsewhere: its settings are its own business
+        return
+    saved = json.loads(file.read_text())
+    differ = [f"{'--' * (k != 'processes')}{k} {saved.get(k)} (asked {v})"
+              for k, v in wanted.items() if saved.get(k) != v]
+    if differ:
+        raise C.StageError(f"{prefs} holds pairs made with {', '.join(differ)}; pass the same "
+                           f"flags, or delete it to sample new pairs")
+
+
 def make_preferences(sft_dir, task, out, num_pairs: int, label: str, seed: int, device,
                      batch_size: int = 512, temperature: float = 1.0) -> None:
     policy, tokenizer = C.load_policy(sft_dir, device)
@@ -122,6 +147,7 @@ def make_preferences(sft_dir, task, out, num_pairs: int, label: str, seed: int, 
     with C.atomic_output(out) as tmp:
         if C.is_main():                      # under torchrun, only rank 0 writes
             data.save_to_disk(str(tmp))
+            C.write_json(tmp / PAIRS_SETTINGS, pair_settings(num_pairs, label, seed, temperature))
     gold_c, gold_r = torch.tensor(data["gold_chosen"]), torch.tensor(data["gold_rejected"])
     print(f"prefs: {num_pairs} pairs saved to {out}; chosen has strictly higher gold in "
           f"{(gold_c > gold_r).float().mean():.1%} (ties {(gold_c == gold_r).float().mean():.1%})")
@@ -336,7 +362,10 @@ def main(argv=None):
     start = time.time()
     C.load_policy(args.sft, "cpu")                                  # fail early with a clear message
     task = T.load_task(args.sft, device)                            # data and gold, from sft.py
-    if not Path(args.prefs).exists():
+    if Path(args.prefs).exists():
+        check_pairs_match(args.prefs, pair_settings(args.num_pairs, args.label, args.seed,
+                                                    args.pair_temperature))
+    else:
         make_preferences(args.sft, task, args.prefs, args.num_pairs, args.label, args.seed, device,
                          args.forward_batch_size, args.pair_temperature)
     data = load_preferences(args.prefs)

@@ -151,7 +151,7 @@ def parse_args(argv=None):
                    "the gold reward, with its own tokenizer and chat template")
     text_flag("--gold_batch_size", type=int, default=16, help="sequences per gold-RM forward")
     text_flag("--gradient_checkpointing", type=int, default=0,
-              help="1: recompute activations in the backward pass (less memory, ~30%% slower)")
+              help="1: recompute activations in the backward pass (less memory, more compute)")
     text_flag("--gold_max_len", type=int, default=1024,
               help="gold-tokenizer tokens kept per sequence (the start is cut)")
     args = p.parse_args(argv)
@@ -210,7 +210,8 @@ def build_model(tokenizer, args) -> GPT2LMHeadModel:
         n_head=args.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id,
-        # GPT-2's tanh GELU as one fused kernel (same function to 1e-7; ~14% faster PPO on CPU)
+        # GPT-2's tanh GELU as one fused kernel instead of gelu_new's seven ops: the same function
+        # up to float rounding, faster on a CPU (benchmarks/README.md)
         activation_function="gelu_pytorch_tanh")
     setattr(config, C.ATTENTION_KEY, "eager")                # faster at this size: see common.py
     return C.apply_attention(GPT2LMHeadModel(config))

@@ -421,7 +421,7 @@ class TextTask:
         self.spec = spec
         self.max_prompt_len = spec["max_prompt_len"]
         self.response_len = spec["response_len"]
-        prefix = spec.get("response_prefix", "")
+        prefix = spec["response_prefix"]
 
         def pairs(rows):                    # (prompt, reference) of each row
             return [(format_prompt(r, spec, tokenizer), prefix + r[spec["response_field"]])

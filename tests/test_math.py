@@ -751,3 +751,20 @@ def test_pairs_at_another_temperature_store_the_density_they_were_drawn_from(pol
     assert hot["prompt"] == cold["prompt"]
     pairs = lambda d: sorted(zip(d["chosen_ids"], d["rejected_ids"]))   # noqa: E731
     assert pairs(hot) != pairs(cold)
+
+
+def test_same_weights_is_about_the_parameters_not_the_directory(policy, tmp_path):
+    """ppo.py skips the second KL forward when the KL reference is the SFT policy: decided from
+    the weights, so a copy of SFT in another directory counts as SFT, and a policy one step away
+    does not."""
+    from transformers import GPT2LMHeadModel
+    for name in ("a", "b"):
+        policy.save_pretrained(tmp_path / name)
+    a, b = (GPT2LMHeadModel.from_pretrained(tmp_path / n) for n in ("a", "b"))
+    assert C.same_weights(a, b) and C.same_weights(policy, b)
+    with torch.no_grad():
+        p = next(b.parameters())
+        p.view(-1)[0] = torch.nextafter(p.view(-1)[0], torch.tensor(math.inf))   # one ulp
+    assert not C.same_weights(a, b)
+    shallower = GPT2LMHeadModel(type(policy.config)(**{**policy.config.to_dict(), "n_layer": 1}))
+    assert not C.same_weights(a, shallower)

@@ -940,6 +940,8 @@ BAD_INPUTS = {
         "sft.py", "--out", t / "out", "--device", "cpu", "--gradient_checkpointing", "1"]),
     "rm_gradient_checkpointing_on_a_frozen_backbone": ("--train_backbone", lambda r, t: rm_cmd(
         r, t) + ["--gradient_checkpointing", "1"]),
+    "rm_reused_prefs_made_with_other_num_pairs": ("--num_pairs 128 (asked 16)", lambda r, t: rm_cmd(
+        r, t, prefs=r / "prefs")),
     "ocrm_label_without_fresh_pairs": ("--fresh_pairs", lambda r, t: ocrm_cmd(r, t, "--label", "bt")),
     "ocrm_weight_flag_with_fresh_pairs": ("--lam", lambda r, t: ocrm_cmd(
         r, t, "--fresh_pairs", "100", "--lam", "0.5")),
