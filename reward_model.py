@@ -120,9 +120,9 @@ PAIRS_SETTINGS = "pairs_settings.json"   # next to the dataset: the flags the pa
 
 
 def pair_settings(num_pairs: int, label: str, seed: int, temperature: float) -> dict:
-    """What the stored pairs depend on (the number of torchrun processes sets the sampling order)."""
-    return {"num_pairs": num_pairs, "label": label, "seed": seed, "pair_temperature": temperature,
-            "processes": C.rank_and_world()[1]}
+    """The flags the stored pairs were made with (checked on reuse; the number of torchrun
+    processes, which sets the sampling order but not the pairs' distribution, is only recorded)."""
+    return {"num_pairs": num_pairs, "label": label, "seed": seed, "pair_temperature": temperature}
 
 
 def check_pairs_match(prefs, wanted: dict) -> None:
@@ -132,8 +132,7 @@ def check_pairs_match(prefs, wanted: dict) -> None:
     if not file.is_file():          # a dataset made elsewhere: its settings are its own business
         return
     saved = json.loads(file.read_text())
-    differ = [f"{'--' * (k != 'processes')}{k} {saved.get(k)} (asked {v})"
-              for k, v in wanted.items() if saved.get(k) != v]
+    differ = [f"--{k} {saved.get(k)} (asked {v})" for k, v in wanted.items() if saved.get(k) != v]
     if differ:
         raise C.StageError(f"{prefs} holds pairs made with {', '.join(differ)}; pass the same "
                            f"flags, or delete it to sample new pairs")
@@ -147,7 +146,8 @@ def make_preferences(sft_dir, task, out, num_pairs: int, label: str, seed: int, 
     with C.atomic_output(out) as tmp:
         if C.is_main():                      # under torchrun, only rank 0 writes
             data.save_to_disk(str(tmp))
-            C.write_json(tmp / PAIRS_SETTINGS, pair_settings(num_pairs, label, seed, temperature))
+            C.write_json(tmp / PAIRS_SETTINGS, {**pair_settings(num_pairs, label, seed, temperature),
+                                                "processes": C.rank_and_world()[1]})
     gold_c, gold_r = torch.tensor(data["gold_chosen"]), torch.tensor(data["gold_rejected"])
     print(f"prefs: {num_pairs} pairs saved to {out}; chosen has strictly higher gold in "
           f"{(gold_c > gold_r).float().mean():.1%} (ties {(gold_c == gold_r).float().mean():.1%})")

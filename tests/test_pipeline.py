@@ -50,11 +50,11 @@ BASE_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false"}
 
 # The tiny budget of the shared run (run_all.sh's environment variables)
-UPDATES, BATCH_SIZE, ROUNDS, EVAL_PROMPTS = 2, 8, 2, 32
+UPDATES, BATCH_SIZE, ROUNDS, EVAL_PROMPTS, NUM_PAIRS = 2, 8, 2, 32, 128
 PIPELINE_ENV = {
     "SEED": "1", "ROUNDS": str(ROUNDS), "UPDATES": str(UPDATES), "PYTHON": PY, "DEVICE": "cpu",
     "SFT_ARGS": "--num_examples 256 --epochs 1",
-    "PAIRS_ARGS": "--num_pairs 128",
+    "PAIRS_ARGS": f"--num_pairs {NUM_PAIRS}",
     "RM_ARGS": "--epochs 1",
     "EVAL_PROMPTS": str(EVAL_PROMPTS),
     "PPO_ARGS": f"--eval_every 1 --batch_size {BATCH_SIZE}",
@@ -215,7 +215,7 @@ def test_checkpoints_load_with_plain_transformers(run):
 def test_preference_pairs_are_well_formed(run):
     prefs = datasets.load_from_disk(str(run.dir / "prefs"))
     assert set(PREF_COLUMNS) <= set(prefs.column_names)
-    assert len(prefs) == 128
+    assert len(prefs) == NUM_PAIRS
     for col in ("logp_sft_chosen", "logp_sft_rejected"):
         assert all(math.isfinite(x) and x <= 0 for x in prefs[col]), col
     # --label argmax: the chosen response never has the lower gold score (ties: a coin)
@@ -940,7 +940,7 @@ BAD_INPUTS = {
         "sft.py", "--out", t / "out", "--device", "cpu", "--gradient_checkpointing", "1"]),
     "rm_gradient_checkpointing_on_a_frozen_backbone": ("--train_backbone", lambda r, t: rm_cmd(
         r, t) + ["--gradient_checkpointing", "1"]),
-    "rm_reused_prefs_made_with_other_num_pairs": ("--num_pairs 128 (asked 16)", lambda r, t: rm_cmd(
+    "rm_reused_prefs_made_with_other_num_pairs": (f"--num_pairs {NUM_PAIRS} (asked 16)", lambda r, t: rm_cmd(
         r, t, prefs=r / "prefs")),
     "ocrm_label_without_fresh_pairs": ("--fresh_pairs", lambda r, t: ocrm_cmd(r, t, "--label", "bt")),
     "ocrm_weight_flag_with_fresh_pairs": ("--lam", lambda r, t: ocrm_cmd(
@@ -1015,7 +1015,8 @@ NUMERICAL_FAULTS = {
     # two epochs, so at least two updates; the whole network trained (a linear head alone, the
     # default, stays finite however large the step)
     "rm_loss_after_a_huge_step": ("reward_model", "loss", 2, lambda r, t: rm_cmd(
-        r, t, prefs=r / "prefs") + ["--epochs", "2", "--train_backbone", "1", *HUGE_LR]),
+        r, t, prefs=r / "prefs") + ["--num_pairs", str(NUM_PAIRS), "--epochs", "2",
+                                    "--train_backbone", "1", *HUGE_LR]),
     "rm_weight_nan": ("reward_model", "weight", None,
                       lambda r, t: rm_cmd(r, t, prefs=prefs_with_nan(r, t, "weight"))),
     "rm_pairs_sampled_from_a_nan_policy": ("reward_model", "policy logits", None,

@@ -40,8 +40,8 @@ def toy_sft_dir(tmp_path_factory):
 
 def tldr_spec(paths, **overrides):
     return {"kind": "text", "dataset": str(paths["dataset"]), "prompt_field": "query",
-            "response_field": "reference_response", "max_prompt_len": 512, "response_len": 53,
-            "gold_model": str(paths["gold"]), "gold_batch_size": 3, "gold_max_len": 1024,
+            "response_field": "reference_response", "response_prefix": "", "max_prompt_len": 512,
+            "response_len": 53, "gold_model": str(paths["gold"]), "gold_batch_size": 3, "gold_max_len": 1024,
             **overrides}
 
 
