@@ -74,8 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--reward_model_before", default=None,
                    help="the RM the policy was trained against (RM_{k-1}); if given, its pairwise "
                         "accuracy on fresh policy samples is reported next to the corrected RM's")
-    p.add_argument("--diag_prompts", type=int, default=1024,
-                   help="held-out prompts for that diagnostic (two samples each at T = 1.0)")
+    p.add_argument("--diag_prompts", type=int, default=None,
+                   help="held-out prompts for that diagnostic, two samples each at T = 1.0 "
+                        "(unset: 1024; only with --reward_model_before)")
     RM.add_fit_args(p)
     args = p.parse_args(argv)
     RM.check_fit_args(args)
@@ -93,7 +94,13 @@ def parse_args(argv=None):
     if args.fresh_pairs and weight_flags:
         raise C.StageError(f"{', '.join(weight_flags)} shape the weights of the stored pairs; "
                            f"--fresh_pairs fits on new pairs without weights")
+    if args.diag_prompts is not None and not args.reward_model_before:
+        raise C.StageError("--diag_prompts sizes the diagnostic of --reward_model_before; "
+                           "without it there is no diagnostic")
+    if args.diag_prompts is not None and args.diag_prompts < 1:
+        raise C.StageError(f"--diag_prompts must be positive, got {args.diag_prompts}")
     args.label = args.label or "argmax"
+    args.diag_prompts = args.diag_prompts or 1024
     return args
 
 

@@ -942,6 +942,8 @@ BAD_INPUTS = {
         r, t) + ["--gradient_checkpointing", "1"]),
     "rm_reused_prefs_made_with_other_num_pairs": (f"--num_pairs {NUM_PAIRS} (asked 16)", lambda r, t: rm_cmd(
         r, t, prefs=r / "prefs")),
+    "ocrm_diag_prompts_without_a_diagnostic": ("--reward_model_before", lambda r, t: ocrm_cmd(
+        r, t, "--diag_prompts", "64")),
     "ocrm_label_without_fresh_pairs": ("--fresh_pairs", lambda r, t: ocrm_cmd(r, t, "--label", "bt")),
     "ocrm_weight_flag_with_fresh_pairs": ("--lam", lambda r, t: ocrm_cmd(
         r, t, "--fresh_pairs", "100", "--lam", "0.5")),
