@@ -213,7 +213,10 @@ class ToyTask:
             else:
                 mistakes += 1                   # a repeat, an off-prompt word, or junk
         colours = sum(word != AND for word in words)
-        return (sum(self.values[w] for w in named) - self.spec["mistake_penalty"] * mistakes
+        # fsum: the exactly rounded sum, whatever order the set yields its items in. A plain sum
+        # follows the set's order, which depends on the process's string-hash seed, so equal
+        # golds (ties, broken by a coin) could differ in the last bit from one run to the next
+        return (math.fsum(self.values[w] for w in named) - self.spec["mistake_penalty"] * mistakes
                 - self.spec["length_cost"] * colours ** 2)
 
     def best_gold(self, prompt: str) -> float:

@@ -85,6 +85,20 @@ def test_the_items_member_counts_distinct_prompt_items_minus_mistakes():
         assert task.gold_reward(prompt, response) == expected, response
 
 
+def test_naming_the_same_colours_in_any_order_is_exactly_the_same_gold():
+    """Ties are broken by a coin, so equal golds must be equal to the bit. A plain sum over the
+    set of named colours follows the set's iteration order, which depends on insertion order and
+    on the process's string-hash seed (PYTHONHASHSEED): the same seed then gave other pairs' labels
+    in another process."""
+    task = T.ToyTask(T.toy_spec())
+    liked = sorted(task.values, key=task.values.get, reverse=True)[:7]
+    prompt = "list " + " ".join(liked)
+    for r in (2, 3, 4, 5):
+        for combo in itertools.combinations(liked, r):
+            golds = {task.gold_reward(prompt, " and ".join(p)) for p in itertools.permutations(combo)}
+            assert golds == {math.fsum(task.values[c] for c in combo)}, combo
+
+
 def test_gold_of_a_batch_is_the_gold_of_each():
     task = values_task()
     prompts, texts = ["list red lime", "list gold jade teal"], ["red", "jade and teal"]
