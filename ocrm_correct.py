@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--weights_out", required=True, help="where to save the weighted dataset")
     p.add_argument("--out", required=True, help="output directory of the corrected RM")
     p.add_argument("--alpha", type=float, default=0.1, help="relative density ratio mix, in [0, 1)")
-    p.add_argument("--lam", type=float, default=0.3,
+    p.add_argument("--lam", type=float, default=0.6,
                    help="tempering exponent on the ratio, >= 0 (w = r ** lam; 0 gives plain BT)")
     p.add_argument("--normalize", type=int, default=0, help="1: rescale weights to mean 1")
     p.add_argument("--clip", type=float, default=0.0, help="cap on each weight (0: no cap)")
