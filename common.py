@@ -397,7 +397,9 @@ def sample(model, query, pad_id, eos_id, max_new_tokens: int, temperature: float
     """Sample responses with a KV cache at temperature T, no early stop (fixed length).
 
     Returns response (B, R) with pad after the first EOS, and the per-token log-probs of the
-    sampled tokens under softmax(logits / T), which PPO reuses as the rollout log-probs.
+    sampled tokens under softmax(logits / T), which PPO reuses as the rollout log-probs. The
+    simple equivalent is one full forward over prompt + response after sampling; the cache gives
+    the same log-probs (tests/test_math.py test_sampled_logprobs_equal_a_full_forward).
     Non-finite logits (a diverged policy) stop `stage` with a one-line error naming `step`.
     """
     B = query.shape[0]
@@ -553,7 +555,7 @@ def _check_checkpoint(path: str | Path, kind: str, what_to_run: str) -> dict:
 # and inherited by every RM and policy made from that SFT model) and every loader applies it.
 # Hub models lack the key and keep the library's default, SDPA, the right kernel at 1B and 565
 # tokens. The simple equivalent is to ignore the key (the library's SDPA): the same math, other
-# float rounding (tests/test_math.py test_pair_scores_share_the_prompt_exactly runs under both).
+# float rounding (tests/test_math.py test_eager_and_sdpa_attention_are_the_same_function).
 ATTENTION_KEY = "ocrm_attn_implementation"
 
 

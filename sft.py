@@ -211,7 +211,8 @@ def build_model(tokenizer, args) -> GPT2LMHeadModel:
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id,
         # GPT-2's tanh GELU as one fused kernel instead of gelu_new's seven ops: the same function
-        # up to float rounding, faster on a CPU (benchmarks/README.md)
+        # up to float rounding, faster on a CPU (benchmarks/README.md; the test that proves them
+        # equal: tests/test_math.py test_eager_and_sdpa_attention_are_the_same_function)
         activation_function="gelu_pytorch_tanh")
     setattr(config, C.ATTENTION_KEY, "eager")                # faster at this size: see common.py
     return C.apply_attention(GPT2LMHeadModel(config))

@@ -768,3 +768,29 @@ def test_same_weights_is_about_the_parameters_not_the_directory(policy, tmp_path
     assert not C.same_weights(a, b)
     shallower = GPT2LMHeadModel(type(policy.config)(**{**policy.config.to_dict(), "n_layer": 1}))
     assert not C.same_weights(a, shallower)
+
+
+def test_eager_and_sdpa_attention_are_the_same_function(tokenizer, ids, layout_batch):
+    """The speed choices of the embedded GPT-2 (sft.py: eager attention, stored under
+    common.ATTENTION_KEY; the fused tanh GELU) against their simple equivalents (the library's
+    SDPA; GPT-2's own gelu_new): the same logits on a left-padded batch, up to float rounding."""
+    from transformers import GPT2LMHeadModel
+    from conftest import tiny_config
+    *_, query, response = layout_batch
+    seq = torch.cat([query, response], dim=1)
+    mask = (seq != ids[0]).long()
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    logits = {}
+    for attention, act in (("sdpa", "gelu_new"), ("eager", "gelu_new"), ("eager", "gelu_pytorch_tanh"),
+                           ("eager", "gelu")):      # the erf GELU: a different function
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(tiny_config(tokenizer, activation_function=act)).eval()
+        model.set_attn_implementation(attention)
+        with torch.no_grad():
+            logits[attention, act] = model(input_ids=seq, attention_mask=mask, position_ids=pos).logits
+    real = mask.bool()
+    reference = logits["sdpa", "gelu_new"][real]
+    erf = logits.pop(("eager", "gelu"))[real]      # the tolerance below does tell it apart
+    assert not torch.allclose(erf, reference, rtol=1e-5, atol=1e-5)
+    for key, value in logits.items():
+        torch.testing.assert_close(value[real], reference, rtol=1e-5, atol=1e-5, msg=str(key))
