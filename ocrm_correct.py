@@ -13,7 +13,7 @@ Re-weight every stored pair by how much more likely it is under pi_k and refit:
 RM_k starts again from the SFT backbone with a fresh head (not from RM_{k-1}) and is fitted by
 reward_model.py's own fit, so the only difference from RM_1 is the weights.
 
-In : --policy (pi_k, from ppo.py), --sft, --prefs (from reward_model.py)
+In : --policy (pi_k, from ppo.py), --sft, --prefs (from reward_model.py; not with --fresh_pairs)
 Out: --weights_out  the prefs columns + logp_policy_chosen/rejected + weight (save_to_disk),
                     with settings.json (alpha, lam, normalize, clip) and the diagnostics;
                     if it already exists (an interrupted earlier call), it is reused when it was
@@ -55,7 +55,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--policy", required=True, help="current policy pi_k (ppo.py --out)")
     p.add_argument("--sft", required=True, help="SFT policy (denominator and RM init)")
-    p.add_argument("--prefs", required=True, help="preference dataset (reward_model.py --prefs)")
+    p.add_argument("--prefs", default=None,
+                   help="the stored preference pairs to re-weight (reward_model.py --prefs)")
     p.add_argument("--weights_out", required=True, help="where to save the weighted dataset")
     p.add_argument("--out", required=True, help="output directory of the corrected RM")
     p.add_argument("--alpha", type=float, default=0.1, help="relative density ratio mix, in [0, 1)")
@@ -94,6 +95,9 @@ def parse_args(argv=None):
     if args.fresh_pairs and weight_flags:
         raise C.StageError(f"{', '.join(weight_flags)} shape the weights of the stored pairs; "
                            f"--fresh_pairs fits on new pairs without weights")
+    if bool(args.fresh_pairs) == bool(args.prefs):
+        raise C.StageError("--fresh_pairs fits on new pairs, not on the stored ones: drop --prefs"
+                           if args.prefs else "--prefs: the stored pairs to re-weight are required")
     if args.diag_prompts is not None and not args.reward_model_before:
         raise C.StageError("--diag_prompts sizes the diagnostic of --reward_model_before; "
                            "without it there is no diagnostic")
@@ -224,7 +228,7 @@ def main(argv=None):
     device = C.pick_device(args.device)
     C.check_batch_for_ranks(args.batch_size)        # torchrun: a share of each batch per rank
     start = time.time()
-    data = RM.load_preferences(args.prefs)
+    data = RM.load_preferences(args.prefs) if args.prefs else None
     policy, tokenizer = C.load_policy(args.policy, device, what_to_run="ppo.py")
     _, sft_tok = C.load_policy(args.sft, "cpu")
     C.check_same_tokenizer(tokenizer, sft_tok, args.policy, args.sft)

@@ -287,11 +287,11 @@ for arm in "${arms[@]}"; do
       ppo_new_kl) ppo "$RUN_DIR/$arm/round_$k" "$prev" "$prev" "$rm_1" "$k" ;;
       ocrm|fresh_pairs)
         rm_k=$RUN_DIR/$arm/rm_$k
-        if [ "$arm" = ocrm ]; then refit=($OCRM_ARGS)
+        if [ "$arm" = ocrm ]; then refit=(--prefs "$RUN_DIR/prefs" $OCRM_ARGS)
         else refit=(--fresh_pairs "$FRESH_PAIRS" "${fresh_label[@]}"); fi
         # shellcheck disable=SC2086
         run_stage "$rm_k" "${launch[@]}" ocrm_correct.py --policy "$prev" --sft "$sft" \
-          --prefs "$RUN_DIR/prefs" --weights_out "$RUN_DIR/$arm/weights_$k" --out "$rm_k" \
+          --weights_out "$RUN_DIR/$arm/weights_$k" --out "$rm_k" \
           --reward_model_before "$prev_rm" "${common[@]}" $RM_ARGS "${refit[@]}"
         ppo "$RUN_DIR/$arm/round_$k" "$prev" "$prev" "$rm_k" "$k"
         prev_rm=$rm_k ;;

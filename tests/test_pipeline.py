@@ -269,8 +269,7 @@ def test_fresh_pairs_control_fits_on_new_labelled_samples_of_the_policy(run, tmp
     labels), all weights 1, instead of the re-weighted stored pairs."""
     out = tmp_path / "rm"
     proc = run_command([PY, "ocrm_correct.py", "--policy", run.dir / "ppo_1", "--sft", run.dir / "sft",
-                        "--prefs", run.dir / "prefs", "--weights_out", tmp_path / "w", "--out", out,
-                        "--fresh_pairs", 48, "--epochs", 1, "--seed", 3, "--device", "cpu"])
+                        "--weights_out", tmp_path / "w", "--out", out, "--fresh_pairs", 48, "--epochs", 1, "--seed", 3, "--device", "cpu"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = datasets.load_from_disk(str(tmp_path / "w"))
     settings = json.loads((tmp_path / "w" / "settings.json").read_text())
@@ -942,6 +941,8 @@ BAD_INPUTS = {
         r, t) + ["--gradient_checkpointing", "1"]),
     "rm_reused_prefs_made_with_other_num_pairs": (f"--num_pairs {NUM_PAIRS} (asked 16)", lambda r, t: rm_cmd(
         r, t, prefs=r / "prefs")),
+    "ocrm_stored_pairs_with_fresh_pairs": ("--prefs", lambda r, t: ocrm_cmd(
+        r, t, "--fresh_pairs", "100")),
     "ocrm_diag_prompts_without_a_diagnostic": ("--reward_model_before", lambda r, t: ocrm_cmd(
         r, t, "--diag_prompts", "64")),
     "ocrm_label_without_fresh_pairs": ("--fresh_pairs", lambda r, t: ocrm_cmd(r, t, "--label", "bt")),
