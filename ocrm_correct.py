@@ -50,6 +50,9 @@ import task as T
 import reward_model as RM
 
 
+DIAG_PROMPTS = 1024   # held-out prompts of the policy-pair diagnostic when --diag_prompts is unset
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -77,7 +80,7 @@ def parse_args(argv=None):
                         "accuracy on fresh policy samples is reported next to the corrected RM's")
     p.add_argument("--diag_prompts", type=int, default=None,
                    help="held-out prompts for that diagnostic, two samples each at T = 1.0 "
-                        "(unset: 1024; only with --reward_model_before)")
+                        f"(unset: {DIAG_PROMPTS}; only with --reward_model_before)")
     RM.add_fit_args(p)
     args = p.parse_args(argv)
     RM.check_fit_args(args)
@@ -98,13 +101,14 @@ def parse_args(argv=None):
     if bool(args.fresh_pairs) == bool(args.prefs):
         raise C.StageError("--fresh_pairs fits on new pairs, not on the stored ones: drop --prefs"
                            if args.prefs else "--prefs: the stored pairs to re-weight are required")
-    if args.diag_prompts is not None and not args.reward_model_before:
+    if args.diag_prompts is None:
+        args.diag_prompts = DIAG_PROMPTS
+    elif not args.reward_model_before:
         raise C.StageError("--diag_prompts sizes the diagnostic of --reward_model_before; "
                            "without it there is no diagnostic")
-    if args.diag_prompts is not None and args.diag_prompts < 1:
+    elif args.diag_prompts < 1:
         raise C.StageError(f"--diag_prompts must be positive, got {args.diag_prompts}")
     args.label = args.label or "argmax"
-    args.diag_prompts = args.diag_prompts or 1024
     return args
 
 

@@ -269,7 +269,8 @@ def test_fresh_pairs_control_fits_on_new_labelled_samples_of_the_policy(run, tmp
     labels), all weights 1, instead of the re-weighted stored pairs."""
     out = tmp_path / "rm"
     proc = run_command([PY, "ocrm_correct.py", "--policy", run.dir / "ppo_1", "--sft", run.dir / "sft",
-                        "--weights_out", tmp_path / "w", "--out", out, "--fresh_pairs", 48, "--epochs", 1, "--seed", 3, "--device", "cpu"])
+                        "--weights_out", tmp_path / "w", "--out", out, "--fresh_pairs", 48,
+                        "--epochs", 1, "--seed", 3, "--device", "cpu"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = datasets.load_from_disk(str(tmp_path / "w"))
     settings = json.loads((tmp_path / "w" / "settings.json").read_text())
