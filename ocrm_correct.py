@@ -65,6 +65,10 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=0.1, help="relative density ratio mix, in [0, 1)")
     p.add_argument("--lam", type=float, default=0.6,
                    help="tempering exponent on the ratio, >= 0 (w = r ** lam; 0 gives plain BT)")
+    p.add_argument("--min_ess", type=float, default=0.0,
+                   help="a floor on the weights' ESS as a fraction of N, in [0, 1): when the "
+                        "weights at --lam fall below it, lam is lowered to the largest value in "
+                        "[0, --lam] that keeps the ESS at the floor (not the authors'; 0: off)")
     p.add_argument("--normalize", type=int, default=0, help="1: rescale weights to mean 1")
     p.add_argument("--clip", type=float, default=0.0, help="cap on each weight (0: no cap)")
     p.add_argument("--fresh_pairs", type=int, default=0,
@@ -88,12 +92,14 @@ def parse_args(argv=None):
         raise C.StageError(f"--alpha must be in [0, 1), got {args.alpha}")
     if args.lam < 0 or args.clip < 0:
         raise C.StageError("--lam and --clip must be >= 0")
+    if not 0.0 <= args.min_ess < 1.0:
+        raise C.StageError(f"--min_ess must be in [0, 1), got {args.min_ess}")
     if args.fresh_pairs < 0 or args.fresh_pairs == 1:
         raise C.StageError(f"--fresh_pairs must be 0 (off) or at least 2, got {args.fresh_pairs}")
     if args.label is not None and not args.fresh_pairs:
         raise C.StageError("--label labels the new pairs of --fresh_pairs; the weighted refit "
                            "keeps the stored pairs' labels")
-    weight_flags = [f"--{k}" for k in ("alpha", "lam", "normalize", "clip")
+    weight_flags = [f"--{k}" for k in ("alpha", "lam", "min_ess", "normalize", "clip")
                     if getattr(args, k) != p.get_default(k)]
     if args.fresh_pairs and weight_flags:
         raise C.StageError(f"{', '.join(weight_flags)} shape the weights of the stored pairs; "
@@ -136,6 +142,32 @@ def pair_weights(logp_policy_chosen, logp_policy_rejected, logp_sft_chosen, logp
         log_w = log_w - (torch.logsumexp(log_w, dim=0) - math.log(len(log_w)))
     w = torch.exp(log_w)
     return w.clamp(max=clip) if clip > 0 else w
+
+
+def lam_for_min_ess(logp_policy_chosen, logp_policy_rejected, logp_sft_chosen, logp_sft_rejected,
+                    alpha: float, lam: float, min_ess: float) -> float:
+    """The largest temper in [0, lam] whose weights keep ESS >= min_ess (before any clip).
+
+    With s_i = log r_a(y_c,i) + log r_a(y_r,i) the weights are exp(t s_i), and ESS(t) never rises
+    with t: d log ESS / dt = 2 (E_t[s] - E_2t[s]), where E_t is the mean under weights
+    proportional to exp(t s), and that tilted mean grows with t (its derivative is a variance).
+    So bisection on t finds the answer; ESS(0) = 1 >= any floor below 1.
+    """
+    s = sum(log_relative_ratio(torch.as_tensor(p, dtype=torch.float64),
+                               torch.as_tensor(q, dtype=torch.float64), alpha)
+            for p, q in ((logp_policy_chosen, logp_sft_chosen),
+                         (logp_policy_rejected, logp_sft_rejected)))
+
+    def ess(t):                                 # shifted by the max: exp never overflows
+        return effective_sample_size(torch.exp(t * s - (t * s).max()))
+
+    if min_ess <= 0 or ess(lam) >= min_ess:
+        return lam
+    low, high = 0.0, lam                        # ess(low) >= min_ess > ess(high)
+    for _ in range(60):                         # 2^-60 of lam: far below any printed digit
+        mid = (low + high) / 2
+        low, high = (mid, high) if ess(mid) >= min_ess else (low, mid)
+    return low
 
 
 def effective_sample_size(w) -> float:
@@ -203,11 +235,12 @@ def stored_pair_weights(policy, tokenizer, data, args, device):
                 policy, query[rows], torch.tensor(data[f"{name}_ids"], device=device)[rows],
                 pad, eos, 1.0, args.forward_batch_size).cpu())
             for name in ("chosen", "rejected")}
-    w = pair_weights(logp["chosen"], logp["rejected"], torch.tensor(data["logp_sft_chosen"]),
-                     torch.tensor(data["logp_sft_rejected"]), args.alpha, args.lam,
-                     bool(args.normalize), args.clip)
+    columns = (logp["chosen"], logp["rejected"], torch.tensor(data["logp_sft_chosen"]),
+               torch.tensor(data["logp_sft_rejected"]))
+    lam = lam_for_min_ess(*columns, args.alpha, args.lam, args.min_ess)
+    w = pair_weights(*columns, args.alpha, lam, bool(args.normalize), args.clip)
     C.check_finite(w, "weight", "ocrm_correct")
-    return logp, w
+    return logp, w, lam
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +270,8 @@ def main(argv=None):
     _, sft_tok = C.load_policy(args.sft, "cpu")
     C.check_same_tokenizer(tokenizer, sft_tok, args.policy, args.sft)
     weights_dir = Path(args.weights_out)
-    settings = {"alpha": args.alpha, "lam": args.lam, "normalize": bool(args.normalize),
+    settings = {"alpha": args.alpha, "lam": args.lam, "min_ess": args.min_ess,
+                "normalize": bool(args.normalize),
                 "clip": args.clip, "fresh_pairs": args.fresh_pairs, "policy": str(args.policy)}
     if args.fresh_pairs:   # what the new pairs depend on (the batch size and the number of
         #                    torchrun processes set the sampling order)
@@ -253,20 +287,24 @@ def main(argv=None):
     else:
         if args.fresh_pairs:   # the on-policy control, not the paper's method
             data, logp, w = fresh_pairs_control(policy, tokenizer, task, args, device)
+            lam = None
         else:                  # a-b: the paper's step
-            logp, w = stored_pair_weights(policy, tokenizer, data, args, device)
+            logp, w, lam = stored_pair_weights(policy, tokenizer, data, args, device)
         for col in ("logp_policy_chosen", "logp_policy_rejected", "weight"):
             if col in data.column_names:
                 data = data.remove_columns(col)
         data = (data.add_column("logp_policy_chosen", logp["chosen"].tolist())
                     .add_column("logp_policy_rejected", logp["rejected"].tolist())
                     .add_column("weight", w.tolist()))
-        settings["diagnostics"] = weight_diagnostics(w)
+        settings["diagnostics"] = dict(weight_diagnostics(w), lam_used=lam)
         with C.atomic_output(weights_dir) as tmp:
             if C.is_main():                      # under torchrun, only rank 0 writes
                 data.save_to_disk(str(tmp))
                 C.write_json(tmp / "settings.json", settings)
     diag = json.loads((weights_dir / "settings.json").read_text())["diagnostics"]
+    if diag["lam_used"] is not None and diag["lam_used"] != args.lam:
+        print(f"ocrm: lam lowered from {args.lam} to {diag['lam_used']:.4f} to keep the ESS at "
+              f"--min_ess {args.min_ess}")
     print(f"ocrm: weights ESS {diag['ess_fraction']:.1%} of N, min {diag['min']:.3g}, "
           f"mean {diag['mean']:.3g}, max {diag['max']:.3g}; log10 histogram "
           f"{diag['histogram_log10']['counts']}")

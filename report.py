@@ -148,7 +148,9 @@ def refits(run_dir: Path, arm: str, rounds: int) -> list[dict]:
         d = settings["diagnostics"]
         rows.append({"round": k, "ess_fraction": d["ess_fraction"], "min": d["min"],
                      "mean": d["mean"], "max": d["max"], "alpha": settings["alpha"],
-                     "lam": settings["lam"], "normalize": settings["normalize"],
+                     "lam": settings["lam"], "min_ess": settings["min_ess"],
+                     # the temper the weights were made with (below lam when min_ess lowered it)
+                     "lam_used": d["lam_used"], "normalize": settings["normalize"],
                      "clip": settings["clip"],
                      # > 0: the control that refits on new pairs from the policy, not OCRM
                      "fresh_pairs": settings["fresh_pairs"],
@@ -205,13 +207,15 @@ def refit_table(rows: list[dict], arm: str, held_out_what: str) -> list[str]:
     lines = ["", f"Per {LABELS[arm]} round: the weights, and how well the RM ranks fresh pairs "
              "sampled from the policy being corrected (accuracy vs gold, ties left out), before "
              "and after the refit.", "",
-             f"| {LABELS[arm]} round | ESS / N | min w | mean w | max w | held-out acc "
+             f"| {LABELS[arm]} round | lam | ESS / N | min w | mean w | max w | held-out acc "
              f"({held_out_what}) | policy-pair acc before | after |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for w in rows:
         acc = w["policy_pair_accuracy"] or {}
         before, after = (f"{acc[k]:.3f}" if k in acc else "-" for k in ("before", "after"))
-        lines.append(f"| {w['round']} | {w['ess_fraction']:.3f} | {w['min']:.3g} | {w['mean']:.3g} "
+        lam = "-" if w["lam_used"] is None else f"{w['lam_used']:.3g}"
+        lines.append(f"| {w['round']} | {lam} | {w['ess_fraction']:.3f} | {w['min']:.3g} "
+                     f"| {w['mean']:.3g} "
                      f"| {w['max']:.3g} | {w['rm_heldout_accuracy']:.3f} | {before} | {after} |")
     return lines
 
@@ -361,8 +365,8 @@ def mean_or_none(values: list[float]) -> float | None:
 
 
 def weight_settings(report: dict) -> list[str]:
-    return [" ".join(f"{k}={w[k]}" for k in ("alpha", "lam", "normalize", "clip", "fresh_pairs"))
-            for w in report["weights"]]
+    keys = ("alpha", "lam", "min_ess", "normalize", "clip", "fresh_pairs")
+    return [" ".join(f"{k}={w[k]}" for k in keys) for w in report["weights"]]
 
 
 def check_same_setup(run_dirs: list[Path], reports: list[dict]) -> None:

@@ -281,6 +281,24 @@ def test_effective_sample_size_is_one_for_uniform_and_one_over_n_for_a_single_we
     assert OC.effective_sample_size(one_hot) == pytest.approx(1 / 50, abs=1e-12)
 
 
+@pytest.mark.parametrize("floor", [0.3, 0.6, 0.9])
+def test_min_ess_lowers_lam_to_the_largest_value_that_keeps_the_floor(pair_logprobs, floor):
+    """Against a grid scan with the loop ESS of the direct weights: the answer keeps the floor,
+    a grid step above it breaks the floor, and a floor already met leaves lam alone."""
+    lam_max = 2.0
+    assert brute_force_ess(direct_weights(pair_logprobs, 0.1, lam_max)) < floor   # it must act
+    lam = OC.lam_for_min_ess(*as_tensors(pair_logprobs), 0.1, lam_max, floor)
+    assert 0.0 < lam < lam_max
+    assert brute_force_ess(direct_weights(pair_logprobs, 0.1, lam)) >= floor - 1e-9
+    assert brute_force_ess(direct_weights(pair_logprobs, 0.1, lam + 1e-4)) < floor
+    grid = [i * 1e-3 for i in range(2001)]                         # the largest grid lam that keeps it
+    best = max(t for t in grid if brute_force_ess(direct_weights(pair_logprobs, 0.1, t)) >= floor)
+    assert lam == pytest.approx(best, abs=1.1e-3)
+    met = brute_force_ess(direct_weights(pair_logprobs, 0.1, 0.05))
+    assert OC.lam_for_min_ess(*as_tensors(pair_logprobs), 0.1, 0.05, met - 0.01) == 0.05
+    assert OC.lam_for_min_ess(*as_tensors(pair_logprobs), 0.1, lam_max, 0.0) == lam_max
+
+
 def test_weight_diagnostics_survive_weights_that_underflow_to_zero():
     """A pair ~60 nats less likely under pi_k than under pi_sft, tempered with lam = 10, has
     w = exp(-1200): 0 even in float64. check_finite lets a 0 through, so the diagnostics that

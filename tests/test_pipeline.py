@@ -238,8 +238,9 @@ def test_ocrm_weights_are_the_tempered_product_of_both_ratios(run):
     for col in PREF_COLUMNS:                     # the same pairs, in the same order
         assert data[col] == prefs[col], col
     settings = json.loads((weights_dir / "settings.json").read_text())
-    assert {"alpha", "lam", "normalize", "clip"} <= set(settings)
-    alpha, lam = settings["alpha"], settings["lam"]
+    assert {"alpha", "lam", "min_ess", "normalize", "clip"} <= set(settings)
+    alpha, lam = settings["alpha"], settings["diagnostics"]["lam_used"]
+    assert lam == settings["lam"] or settings["min_ess"] > 0     # lowered only by the ESS floor
 
     stored = data["weight"]
     assert all(math.isfinite(w) and w > 0 for w in stored)
@@ -911,6 +912,7 @@ BAD_INPUTS = {
     "rm_prefs_have_no_rows": ("prefs_empty", lambda r, t: rm_cmd(r, t, prefs=empty_prefs(r, t))),
     "ocrm_alpha_one": ("--alpha", lambda r, t: ocrm_cmd(r, t, "--alpha", "1.0")),
     "ocrm_lam_negative": ("--lam", lambda r, t: ocrm_cmd(r, t, "--lam", "-1")),
+    "ocrm_min_ess_one": ("--min_ess", lambda r, t: ocrm_cmd(r, t, "--min_ess", "1")),
     "ocrm_one_fresh_pair": ("--fresh_pairs", lambda r, t: ocrm_cmd(r, t, "--fresh_pairs", "1")),
     "run_all_zero_rounds": ("ROUNDS", lambda r, t: ["bash", "run_all.sh", {"ROUNDS": "0",
                                                                             "RUN_DIR": t / "run"}]),
@@ -949,6 +951,8 @@ BAD_INPUTS = {
     "ocrm_label_without_fresh_pairs": ("--fresh_pairs", lambda r, t: ocrm_cmd(r, t, "--label", "bt")),
     "ocrm_weight_flag_with_fresh_pairs": ("--lam", lambda r, t: ocrm_cmd(
         r, t, "--fresh_pairs", "100", "--lam", "0.5")),
+    "ocrm_min_ess_with_fresh_pairs": ("--min_ess", lambda r, t: ocrm_cmd(
+        r, t, "--fresh_pairs", "100", "--min_ess", "0.3")),
     # weights left by an interrupted call are reused only if they were made the same way
     "ocrm_earlier_weights_other_lam": ("another lam", ocrm_with_earlier_weights_and_another_lam),
 }

@@ -61,7 +61,8 @@ def synthetic_run_report(seed: int, rounds: int = ROUNDS, episodes=EPISODES) -> 
         accuracy = None if (seed, k) == (3, 2) else \
             {"num_untied_pairs": 600, "before": 0.70 + 0.01 * seed, "after": 0.72 + 0.01 * k}
         weights.append({"round": k, "ess_fraction": 0.9 - 0.1 * k + 0.01 * seed, "min": 0.1,
-                        "mean": 0.6, "max": 1.5, "alpha": 0.1, "lam": 0.3, "normalize": False,
+                        "mean": 0.6, "max": 1.5, "alpha": 0.1, "lam": 0.3, "min_ess": 0.0,
+                        "lam_used": 0.3, "normalize": False,
                         "clip": 0.0, "fresh_pairs": 0, "rm_heldout_accuracy": 0.75,
                         "policy_pair_accuracy": accuracy})
     overopt = R.overoptimization(arms["standard_rlhf"]["curve"])
