@@ -101,6 +101,10 @@ def parse_args(argv=None):
                            "keeps the stored pairs' labels")
     weight_flags = [f"--{k}" for k in ("alpha", "lam", "min_ess", "normalize", "clip")
                     if getattr(args, k) != p.get_default(k)]
+    shaping = [f for f in weight_flags if f in ("--alpha", "--min_ess", "--normalize")]
+    if args.lam == 0 and shaping:
+        raise C.StageError(f"{', '.join(shaping)} shape the weights, but --lam 0 makes every "
+                           f"weight 1 (plain BT)")
     if args.fresh_pairs and weight_flags:
         raise C.StageError(f"{', '.join(weight_flags)} shape the weights of the stored pairs; "
                            f"--fresh_pairs fits on new pairs without weights")

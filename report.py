@@ -52,8 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, help="number of rounds (ROUNDS); with --run_dir")
     p.add_argument("--seed", type=int,
                    help="the run's seed, recorded in the report; with --run_dir")
-    p.add_argument("--arms", nargs="+", choices=ALL_ARMS, default=list(DEFAULT_ARMS),
-                   help="the arms the run has (ARMS of run_all.sh); with --run_dir")
+    p.add_argument("--arms", nargs="+", choices=ALL_ARMS, default=None,
+                   help="the arms the run has (ARMS of run_all.sh; unset: "
+                        f"{' '.join(DEFAULT_ARMS)}); with --run_dir")
     p.add_argument("--out", help="with --aggregate: directory for the aggregate report")
     args = p.parse_args(argv)
     if args.run_dir is not None:
@@ -62,12 +63,13 @@ def parse_args(argv=None):
             p.error(f"the following arguments are required: {', '.join(missing)}")
         if args.out is not None:
             p.error("--out goes with --aggregate; --run_dir writes into the run directory")
+        args.arms = args.arms or list(DEFAULT_ARMS)
     else:
         if (args.aggregate is None) != (args.out is None):
             p.error("--aggregate needs --out, and --out goes with --aggregate only")
-        if args.rounds is not None or args.seed is not None:
-            p.error("--rounds and --seed go with --run_dir; --aggregate and --gates read them "
-                    "from each report.json")
+        if args.rounds is not None or args.seed is not None or args.arms is not None:
+            p.error("--rounds, --seed and --arms go with --run_dir; --aggregate and --gates "
+                    "read them from each report.json")
     return args
 
 

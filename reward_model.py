@@ -110,6 +110,10 @@ def check_fit_args(args) -> None:
     if args.gradient_checkpointing and not args.train_backbone:
         raise C.StageError("--gradient_checkpointing 1 does nothing without --train_backbone 1 "
                            "(only the whole backbone's backward pass is recomputed)")
+    if not 0.0 < args.heldout_fraction < 1.0:
+        raise C.StageError(f"--heldout_fraction must be in (0, 1), got {args.heldout_fraction}: "
+                           f"the held-out pairs are the RM's accuracy check (at least one pair "
+                           f"is held out, so 0 would not turn it off)")
     C.check_micro_batch(args.micro_batch_size, args.batch_size, "--batch_size")
 
 

@@ -930,6 +930,10 @@ BAD_INPUTS = {
     # beyond the list in the task: inputs a user can easily get wrong
     "ppo_out_exists": ("exists", lambda r, t: ppo_cmd(r, t, out=existing_dir(t))),
     "ppo_zero_minibatches": ("minibatches", lambda r, t: ppo_cmd(r, t) + ["--minibatches", "0"]),
+    "rm_zero_heldout_fraction": ("--heldout_fraction",
+                                 lambda r, t: rm_cmd(r, t) + ["--heldout_fraction", "0"]),
+    "ocrm_alpha_with_lam_zero": ("--alpha", lambda r, t: ocrm_cmd(
+        r, t, "--lam", "0", "--alpha", "0.5")),
     "rm_zero_pair_temperature": ("--pair_temperature",
                                  lambda r, t: rm_cmd(r, t) + ["--pair_temperature", "0"]),
     "sft_fewer_examples_than_a_batch": ("", lambda r, t: [

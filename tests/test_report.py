@@ -275,6 +275,16 @@ def test_out_may_not_be_one_of_the_runs(run_dirs, capsys):
     assert code == 2 and stderr.startswith("error: --out") and len(stderr.splitlines()) == 1
 
 
+@pytest.mark.parametrize("mode", ["--aggregate", "--gates"])
+def test_arms_with_several_runs_is_an_error_not_ignored(run_dirs, tmp_path, capsys, mode):
+    """--arms says which arms one run directory has; the multi-run modes read them from each
+    report.json, so a given --arms would be silently ignored there."""
+    out = ["--out", tmp_path / "agg"] if mode == "--aggregate" else []
+    code, _, stderr = cli([mode, *run_dirs, *out, "--arms", "ocrm"], capsys)
+    assert code == 2 and "--arms" in stderr and "--run_dir" in stderr
+    assert not (tmp_path / "agg").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # run_all.sh with SEEDS (the single-seed behaviour is covered by tests/test_pipeline.py)
 # ----------------------------------------------------------------------------------------------
