@@ -217,12 +217,17 @@ def policy_pair_accuracy(rms: dict, policy, tokenizer, task, num_prompts: int, s
 
 
 def check_reusable(weights_dir: Path, settings: dict) -> None:
-    """Weights left by an interrupted call are reused only if made from the same policy, the same way."""
+    """Weights left by an interrupted call are reused only if made from the same policy and stored
+    pairs, the same way."""
     file = weights_dir / "settings.json"
     saved = json.loads(file.read_text()) if file.is_file() else {}
-    differ = [k for k, v in settings.items() if k != "policy" and saved.get(k) != v]
-    if "policy" not in saved or Path(saved["policy"]).resolve() != Path(settings["policy"]).resolve():
-        differ.append("policy")
+    paths = ("policy", "prefs")                 # the same directory however it is spelled
+    differ = [k for k, v in settings.items() if k not in paths and saved.get(k) != v]
+    for k in paths:
+        here, there = settings[k], saved.get(k, "missing")
+        if (here is None) != (there is None) or (
+                here is not None and Path(there).resolve() != Path(here).resolve()):
+            differ.append(k)
     if differ:
         raise C.StageError(f"{weights_dir} holds weights made with another "
                            f"{', '.join(f'{k} ({saved.get(k)})' for k in differ)}; delete it to "
@@ -276,7 +281,8 @@ def main(argv=None):
     weights_dir = Path(args.weights_out)
     settings = {"alpha": args.alpha, "lam": args.lam, "min_ess": args.min_ess,
                 "normalize": bool(args.normalize),
-                "clip": args.clip, "fresh_pairs": args.fresh_pairs, "policy": str(args.policy)}
+                "clip": args.clip, "fresh_pairs": args.fresh_pairs, "policy": str(args.policy),
+                "prefs": str(args.prefs) if args.prefs else None}
     if args.fresh_pairs:   # what the new pairs depend on (the batch size and the number of
         #                    torchrun processes set the sampling order)
         settings.update(label=args.label, seed=args.seed,

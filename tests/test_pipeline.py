@@ -897,6 +897,12 @@ def ocrm_with_earlier_weights_and_another_lam(run_dir, tmp):
     return ocrm_cmd(run_dir, tmp, "--lam", str(lam + 1.0))
 
 
+def ocrm_with_earlier_weights_and_other_prefs(run_dir, tmp):
+    """The same, with the run's own settings but other stored pairs to re-weight."""
+    shutil.copytree(run_dir / "ocrm" / "weights_2", tmp / "weights")
+    return ocrm_cmd(run_dir, tmp, prefs=Path(shutil.copytree(run_dir / "prefs", tmp / "prefs2")))
+
+
 # name -> (what the message must mention, a function (run_dir, tmp) -> command). A command that
 # starts with a script name runs forked, with sys.executable or bash as a real subprocess; a
 # trailing dict on a bash command is its environment.
@@ -959,6 +965,7 @@ BAD_INPUTS = {
         r, t, "--fresh_pairs", "100", "--min_ess", "0.3")),
     # weights left by an interrupted call are reused only if they were made the same way
     "ocrm_earlier_weights_other_lam": ("another lam", ocrm_with_earlier_weights_and_another_lam),
+    "ocrm_earlier_weights_other_prefs": ("another prefs", ocrm_with_earlier_weights_and_other_prefs),
 }
 
 
