@@ -133,15 +133,21 @@ def log_relative_ratio(logp_policy, logp_sft, alpha: float):
                                          math.log(1.0 - alpha) + logp_sft)
 
 
+def pair_log_ratio(logp_policy_chosen, logp_policy_rejected, logp_sft_chosen, logp_sft_rejected,
+                   alpha: float):
+    """log r_a(y_c) + log r_a(y_r) of every pair, in float64 (a float32 exp of lam times it
+    underflows to 0, and its log to -inf, for large lam)."""
+    lpc, lpr, lsc, lsr = (torch.as_tensor(x, dtype=torch.float64) for x in
+                          (logp_policy_chosen, logp_policy_rejected, logp_sft_chosen,
+                           logp_sft_rejected))
+    return log_relative_ratio(lpc, lsc, alpha) + log_relative_ratio(lpr, lsr, alpha)
+
+
 def pair_weights(logp_policy_chosen, logp_policy_rejected, logp_sft_chosen, logp_sft_rejected,
                  alpha: float, lam: float, normalize: bool = False, clip: float = 0.0):
     """w = (r_a(y_c) r_a(y_r)) ** lam, optionally normalised to mean 1 and capped at `clip`."""
-    # float64: with large lam, w of a float32 exp underflows to 0 and its log to -inf
-    logp_policy_chosen, logp_policy_rejected, logp_sft_chosen, logp_sft_rejected = (
-        torch.as_tensor(x, dtype=torch.float64) for x in
-        (logp_policy_chosen, logp_policy_rejected, logp_sft_chosen, logp_sft_rejected))
-    log_w = lam * (log_relative_ratio(logp_policy_chosen, logp_sft_chosen, alpha)
-                   + log_relative_ratio(logp_policy_rejected, logp_sft_rejected, alpha))
+    log_w = lam * pair_log_ratio(logp_policy_chosen, logp_policy_rejected, logp_sft_chosen,
+                                 logp_sft_rejected, alpha)
     if normalize:                              # w / mean(w), in log space: log w - logmeanexp
         log_w = log_w - (torch.logsumexp(log_w, dim=0) - math.log(len(log_w)))
     w = torch.exp(log_w)
@@ -157,10 +163,8 @@ def lam_for_min_ess(logp_policy_chosen, logp_policy_rejected, logp_sft_chosen, l
     proportional to exp(t s), and that tilted mean grows with t (its derivative is a variance).
     So bisection on t finds the answer; ESS(0) = 1 >= any floor below 1.
     """
-    s = sum(log_relative_ratio(torch.as_tensor(p, dtype=torch.float64),
-                               torch.as_tensor(q, dtype=torch.float64), alpha)
-            for p, q in ((logp_policy_chosen, logp_sft_chosen),
-                         (logp_policy_rejected, logp_sft_rejected)))
+    s = pair_log_ratio(logp_policy_chosen, logp_policy_rejected, logp_sft_chosen,
+                       logp_sft_rejected, alpha)
 
     def ess(t):                                 # shifted by the max: exp never overflows
         return effective_sample_size(torch.exp(t * s - (t * s).max()))
@@ -280,8 +284,8 @@ def main(argv=None):
     C.check_same_tokenizer(tokenizer, sft_tok, args.policy, args.sft)
     weights_dir = Path(args.weights_out)
     settings = {"alpha": args.alpha, "lam": args.lam, "min_ess": args.min_ess,
-                "normalize": bool(args.normalize),
-                "clip": args.clip, "fresh_pairs": args.fresh_pairs, "policy": str(args.policy),
+                "normalize": bool(args.normalize), "clip": args.clip,
+                "fresh_pairs": args.fresh_pairs, "policy": str(args.policy),
                 "prefs": str(args.prefs) if args.prefs else None}
     if args.fresh_pairs:   # what the new pairs depend on (the batch size and the number of
         #                    torchrun processes set the sampling order)

@@ -217,8 +217,8 @@ def refit_table(rows: list[dict], arm: str, held_out_what: str) -> list[str]:
         before, after = (f"{acc[k]:.3f}" if k in acc else "-" for k in ("before", "after"))
         lam = "-" if w["lam_used"] is None else f"{w['lam_used']:.3g}"
         lines.append(f"| {w['round']} | {lam} | {w['ess_fraction']:.3f} | {w['min']:.3g} "
-                     f"| {w['mean']:.3g} "
-                     f"| {w['max']:.3g} | {w['rm_heldout_accuracy']:.3f} | {before} | {after} |")
+                     f"| {w['mean']:.3g} | {w['max']:.3g} | {w['rm_heldout_accuracy']:.3f} "
+                     f"| {before} | {after} |")
     return lines
 
 
