@@ -265,6 +265,17 @@ def test_ocrm_weights_are_the_tempered_product_of_both_ratios(run):
     assert row["mean"] == pytest.approx(sum(stored) / n, rel=1e-9)
 
 
+def test_probe_rm_prints_one_line_per_reward_model_and_the_gold_ceiling(run):
+    proc = run_command([PY, "probe_rm.py", "--sft", run.dir / "sft", "--reward_model", "gold",
+                        run.dir / "rm_1", "--num_prompts", 16])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("gold: ") and "hits 1.00" in lines[0]
+    assert lines[1].startswith(f"{run.dir / 'rm_1'}: favourite gold ")
+    bad = run_command([PY, "probe_rm.py", "--sft", run.dir / "sft", "--reward_model", run.dir / "ppo_1"])
+    assert bad.returncode != 0 and "error" in bad.stderr.lower()
+
+
 def test_fresh_pairs_control_fits_on_new_labelled_samples_of_the_policy(run, tmp_path):
     """ocrm_correct.py --fresh_pairs N: N new pairs sampled from pi_k (log-probs under pi_k, gold
     labels), all weights 1, instead of the re-weighted stored pairs."""
