@@ -18,7 +18,9 @@ Gold:      sum of value(item) over the distinct prompt items named
              any `and` when the separator is a space)
            - length_cost * k^2, k = colours in the answer (so each extra one costs more)
 Reference: k items of the prompt, k drawn from `reference_lengths`, each item replaced by a random
-           colour with probability `reference_mistake_rate`.
+           colour with probability `reference_mistake_rate` (`mistake_unit` "item"), or one item
+           of the answer with that probability ("answer": the chance of a mistake does not grow
+           with the length, so the stored pairs do not teach "shorter is safer").
 
 Every knob is a field of the spec (and an sft.py flag); TOY_TASKS names the members the README
 discusses. Which member makes which point, with the measurements, is in docs/experiments.md.
@@ -59,17 +61,19 @@ TOY_TASKS = {
     # near-greedy SFT policy already names almost every item (no headroom) and the policy exploits
     # repeats that SFT samples never contain (no coverage): the README's counter-example.
     "items": {"prompt_sizes": [2, 8], "reference_lengths": "uniform",
-              "reference_mistake_rate": 0.03, "item_values": [1.0] * len(ITEMS),
+              "reference_mistake_rate": 0.03, "mistake_unit": "item", "item_values": [1.0] * len(ITEMS),
               "mistake_penalty": 1.0, "length_cost": 0.0, "separator": "and"},
     # liked and disliked colours: naming everything is about as good as naming nothing
     "values": {"prompt_sizes": [2, 8], "reference_lengths": "uniform",
-               "reference_mistake_rate": 0.05, "item_values": list(SIGNED_VALUES),
+               "reference_mistake_rate": 0.05, "mistake_unit": "item",
+               "item_values": list(SIGNED_VALUES),
                "mistake_penalty": 1.0, "length_cost": 0.0, "separator": "and"},
     # the default: "values" with mistake-rich references (each item is replaced by a random colour
     # with probability 0.2, mostly an off-prompt colour or a repeat), so the stored SFT samples cover the mistakes PPO learns to exploit and
     # a re-weighted RM can learn them (docs/experiments.md, v15)
     "mistakes": {"prompt_sizes": [2, 8], "reference_lengths": "uniform",
-                 "reference_mistake_rate": 0.2, "item_values": list(SIGNED_VALUES),
+                 "reference_mistake_rate": 0.2, "mistake_unit": "item",
+                 "item_values": list(SIGNED_VALUES),
                  "mistake_penalty": 1.0, "length_cost": 0.0, "separator": "and"},
 }
 DEFAULT_TOY_TASK = "mistakes"
@@ -101,6 +105,8 @@ def check_toy_spec(spec: dict) -> None:
                            f"non-negative weights for 1, 2, ... items, got {lengths}")
     if not 0 <= spec["reference_mistake_rate"] <= 1:
         raise C.StageError("the reference mistake rate must be in [0, 1]")
+    if spec["mistake_unit"] not in ("item", "answer"):
+        raise C.StageError(f"the mistake unit must be 'item' or 'answer', got {spec['mistake_unit']!r}")
     if spec["separator"] not in (AND, "space"):
         raise C.StageError(f"the separator must be 'and' or 'space', got {spec['separator']!r}")
     if not (math.isfinite(spec["length_cost"]) and spec["length_cost"] >= 0):
@@ -168,9 +174,13 @@ class ToyTask:
             weights = (list(lengths) + [0.0] * len(items))[:len(items)]
             k = rng.choices(range(1, len(items) + 1), weights)[0] if sum(weights) > 0 else len(items)
         words = rng.sample(items, k)
-        for i in range(len(words)):
-            if rng.random() < self.spec["reference_mistake_rate"]:
-                words[i] = rng.choice(ITEMS)    # may be off-prompt or a repeat
+        rate = self.spec["reference_mistake_rate"]
+        if self.spec["mistake_unit"] == "item":     # each item may go wrong: longer, more mistakes
+            for i in range(len(words)):
+                if rng.random() < rate:
+                    words[i] = rng.choice(ITEMS)    # may be off-prompt or a repeat
+        elif rng.random() < rate:                   # "answer": at most one, whatever the length
+            words[rng.randrange(len(words))] = rng.choice(ITEMS)
         return f" {AND} ".join(words) if self.spec["separator"] == AND else " ".join(words)
 
     # -- the stages' views ---------------------------------------------------------------------

@@ -156,17 +156,45 @@ def test_reference_mistakes_happen_at_their_rate():
     assert 0.10 < wrong / total < 0.19
 
 
+def mistakes(prompt: str, words: list[str]) -> int:
+    """Off-prompt colours and repeats, counted directly."""
+    items = prompt.split()[1:]
+    return sum(w not in items for w in words) + len(words) - len(set(words))
+
+
+def test_with_the_answer_as_mistake_unit_the_mistake_chance_does_not_grow_with_length():
+    # rate 1: "item" replaces every item (long answers collect several mistakes); "answer"
+    # replaces exactly one item, so no reference has two mistakes
+    for unit in ("item", "answer"):
+        task = values_task(reference_mistake_rate=1.0, mistake_unit=unit)
+        rng = random.Random(3)
+        counts = [mistakes(p, task.reference(p, rng).split(" and "))
+                  for p in task.make_prompts(3000, seed=5)]
+        assert (max(counts) <= 1) == (unit == "answer"), unit
+    # rate 0.5, "answer": P(a mistake) is about the same for short and long answers (a replacement
+    # is a mistake unless it lands on an unnamed prompt item, (n - k) / 16, which shrinks with k)
+    task = values_task(reference_mistake_rate=0.5, mistake_unit="answer")
+    rng, by_length = random.Random(4), collections.defaultdict(list)
+    for prompt in task.make_prompts(20000, seed=6):
+        words = task.reference(prompt, rng).split(" and ")
+        by_length[min(len(words), 4)].append(mistakes(prompt, words) > 0)
+    share = {k: sum(v) / len(v) for k, v in by_length.items()}
+    assert 0.36 < share[1] < 0.50 and 0.36 < share[4] < 0.54 and abs(share[4] - share[1]) < 0.08
+    with pytest.raises(C.StageError, match="mistake unit"):
+        values_task(mistake_unit="word")
+
+
 # ----------------------------------------------------------------------------------------------
 # sft.py: a member and its knobs, written to task.json
 # ----------------------------------------------------------------------------------------------
 def test_flags_choose_a_member_and_change_its_knobs(tmp_path):
     args = SFT.parse_args(["--out", str(tmp_path / "x"), "--task", "items", "--prompt_sizes", "3-5",
                            "--reference_lengths", "0.5,0.5", "--item_values", "signed",
-                           "--mistake_penalty", "2"])
+                           "--mistake_penalty", "2", "--mistake_unit", "answer"])
     spec = SFT.make_task(args).spec
     assert spec == {"kind": "toy", "name": "items", "prompt_sizes": [3, 5],
                     "reference_lengths": [0.5, 0.5], "reference_mistake_rate": 0.03,
-                    "item_values": list(T.SIGNED_VALUES), "mistake_penalty": 2.0,
+                    "mistake_unit": "answer", "item_values": list(T.SIGNED_VALUES), "mistake_penalty": 2.0,
                     "length_cost": 0.0, "separator": "and"}
     # written to task.json, and the same task comes back from it
     C.write_json(tmp_path / T.TASK_FILE, SFT.make_task(args).spec)     # as sft.py writes it
