@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common as C
+import probe_rm
 import task as T
 from conftest import BackgroundRun
 from test_math import brute_force_logprobs, brute_force_policy_pair_accuracy
@@ -265,15 +266,14 @@ def test_ocrm_weights_are_the_tempered_product_of_both_ratios(run):
     assert row["mean"] == pytest.approx(sum(stored) / n, rel=1e-9)
 
 
-def test_probe_rm_prints_one_line_per_reward_model_and_the_gold_ceiling(run):
-    proc = run_command([PY, "probe_rm.py", "--sft", run.dir / "sft", "--reward_model", "gold",
-                        run.dir / "rm_1", "--num_prompts", 16])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.strip().splitlines()
+def test_probe_rm_prints_one_line_per_reward_model_and_the_gold_ceiling(run, capsys):
+    probe_rm.main(["--sft", str(run.dir / "sft"), "--reward_model", "gold", str(run.dir / "rm_1"),
+                   "--num_prompts", "16"])
+    lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("gold: ") and "hits 1.00" in lines[0]
     assert lines[1].startswith(f"{run.dir / 'rm_1'}: favourite gold ")
-    bad = run_command([PY, "probe_rm.py", "--sft", run.dir / "sft", "--reward_model", run.dir / "ppo_1"])
-    assert bad.returncode != 0 and "error" in bad.stderr.lower()
+    with pytest.raises(C.StageError, match="not a reward model"):
+        probe_rm.main(["--sft", str(run.dir / "sft"), "--reward_model", str(run.dir / "ppo_1")])
 
 
 def test_fresh_pairs_control_fits_on_new_labelled_samples_of_the_policy(run, tmp_path):
