@@ -8,8 +8,9 @@ RM directly: for each held-out prompt it scores a fixed set of hand-built answer
                    perfect optimizer of this RM would get among these answers
   hits             share of prompts where that favourite is a gold-best answer
   X over Y         share of prompts where the RM scores answer X strictly above answer Y. X is
-                   the better answer on almost every prompt, but some tie (a prompt with no liked
-                   colour: optimum = empty), so the row of `gold` itself is each one's ceiling
+                   never the worse answer, except "one over off" on a prompt whose items are all
+                   worth less than -mistake_penalty (rare); but often the two tie (one liked colour:
+                   optimum = one; none: optimum = empty), so compare with the row of `gold` itself
 
 The answers to prompt `list a b c ...` (liked colours: positive item value):
   optimum   the prompt's liked colours (its gold is task.best_gold when there is no length cost)
@@ -23,7 +24,8 @@ The answers to prompt `list a b c ...` (liked colours: positive item value):
         runs/toy-seed1/ocrm/rm_2
 
 The RM is read as PPO reads it (common.score_responses: the score at the EOS, minus the centring
-bias). Passing --reward_model gold probes the gold reward itself: favourite gold = the best, hits 1.
+bias). Passing --reward_model gold probes the gold reward itself: hits 1, and favourite gold = the
+best when the task has no length cost.
 """
 import argparse
 
@@ -38,8 +40,10 @@ COMPARISONS = (("optimum", "empty"), ("optimum", "one"), ("optimum", "all"), ("o
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sft", required=True, help="the run's SFT checkpoint (its task.json and tokenizer)")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sft", required=True,
+                   help="the run's SFT checkpoint (its task.json and tokenizer)")
     p.add_argument("--reward_model", nargs="+", required=True,
                    help="reward-model directories to probe (reward_model.py --out), or `gold`")
     p.add_argument("--num_prompts", type=int, default=256, help="held-out prompts to probe")
@@ -83,8 +87,7 @@ def rm_scorer(rm, tokenizer, task):
     @torch.no_grad()
     def score(prompts, texts):
         query = C.encode_prompts(tokenizer, prompts)                              # (B, P)
-        response = C.encode_responses(tokenizer, [f"{t} {T.EOS}".strip() for t in texts],
-                                      task.response_len)                          # (B, R)
+        response = C.encode_responses(tokenizer, texts, task.response_len)       # (B, R), + EOS
         return C.score_responses(rm, query, response, pad, eos).tolist()
     return score
 

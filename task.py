@@ -19,8 +19,8 @@ Gold:      sum of value(item) over the distinct prompt items named
            - length_cost * k^2, k = colours in the answer (so each extra one costs more)
 Reference: k items of the prompt, k drawn from `reference_lengths`, each item replaced by a random
            colour with probability `reference_mistake_rate` (`mistake_unit` "item"), or one item
-           of the answer with that probability ("answer": the chance of a mistake does not grow
-           with the length, so the stored pairs do not teach "shorter is safer").
+           of the answer with that probability ("answer": the chance of a replacement does not
+           grow with the length, so the stored pairs do not teach "shorter is safer").
 
 Every knob is a field of the spec (and an sft.py flag); TOY_TASKS names the members the README
 discusses. Which member makes which point, with the measurements, is in docs/experiments.md.

@@ -162,7 +162,7 @@ def mistakes(prompt: str, words: list[str]) -> int:
     return sum(w not in items for w in words) + len(words) - len(set(words))
 
 
-def test_with_the_answer_as_mistake_unit_the_mistake_chance_does_not_grow_with_length():
+def test_with_the_answer_as_mistake_unit_the_replacement_chance_does_not_grow_with_length():
     # rate 1: "item" replaces every item (long answers collect several mistakes); "answer"
     # replaces exactly one item, so no reference has two mistakes
     for unit in ("item", "answer"):
@@ -172,7 +172,8 @@ def test_with_the_answer_as_mistake_unit_the_mistake_chance_does_not_grow_with_l
                   for p in task.make_prompts(3000, seed=5)]
         assert (max(counts) <= 1) == (unit == "answer"), unit
     # rate 0.5, "answer": P(a mistake) is about the same for short and long answers (a replacement
-    # is a mistake unless it lands on an unnamed prompt item, (n - k) / 16, which shrinks with k)
+    # is harmless when it lands on an unnamed prompt item or on the word it replaces,
+    # (n - k + 1) / 16, which shrinks a little with k)
     task = values_task(reference_mistake_rate=0.5, mistake_unit="answer")
     rng, by_length = random.Random(4), collections.defaultdict(list)
     for prompt in task.make_prompts(20000, seed=6):
