@@ -55,10 +55,9 @@ def hand_built_answers(task: T.ToyTask, prompt: str) -> dict[str, str]:
     items = prompt.split()[1:]
     by_value = sorted(items, key=lambda w: -task.values[w])
     off_prompt = max((w for w in T.ITEMS if w not in items), key=lambda w: task.values[w])
-    join = f" {T.AND} " if task.spec["separator"] == T.AND else " "
     words = {"optimum": [w for w in items if task.values[w] > 0], "empty": [], "all": items,
              "one": by_value[:1], "off": [off_prompt], "repeat": by_value[:1] * 2}
-    return {name: join.join(words[name]) for name in ANSWERS}
+    return {name: task.answer(words[name]) for name in ANSWERS}
 
 
 def probe(score, task: T.ToyTask, prompts: list[str]) -> dict:

@@ -67,8 +67,8 @@ def item_values(text: str) -> list[float]:
                                          f"{text!r}") from None
 
 
-TOY_KNOBS = ("prompt_sizes", "reference_lengths", "reference_mistake_rate", "mistake_unit", "item_values",
-             "mistake_penalty", "length_cost", "separator")
+TOY_KNOBS = ("prompt_sizes", "reference_lengths", "reference_mistake_rate", "mistake_unit",
+             "item_values", "mistake_penalty", "length_cost", "separator")
 TINY_GPT2 = {"n_layer": 2, "n_embd": 64, "n_head": 4}
 
 
@@ -98,7 +98,7 @@ def parse_args(argv=None):
                         "items, e.g. 0.6,0.2,0.1,0.1")
     t.add_argument("--reference_mistake_rate", type=float, default=None,
                    help="chance that a reference item is replaced by a random colour")
-    t.add_argument("--mistake_unit", default=None, choices=("item", "answer"),
+    t.add_argument("--mistake_unit", default=None, choices=T.MISTAKE_UNITS,
                    help="what the mistake rate applies to: each item of a reference, or the "
                         "answer as a whole (at most one mistake, whatever its length)")
     t.add_argument("--item_values", type=item_values, default=None,

@@ -50,6 +50,7 @@ MAX_PROMPT_SIZE = 8
 RESPONSE_LEN = 2 * MAX_PROMPT_SIZE   # max new tokens: 8 items, 7 `and`s and <eos>
 NO_EOS_GOLD = -1.0                   # gold of a response that never ends (PPO's RM score is -1 too)
 HELD_OUT_SEED = 12345                # the fixed held-out prompts of every evaluation
+MISTAKE_UNITS = ("item", "answer")   # what `reference_mistake_rate` applies to (module docstring)
 
 # Per-colour values of the "values" members: 8 liked colours (+1.5 down to +0.8) and 8 disliked
 # ones (-0.5 down to -1.2). The best answer names exactly the prompt's liked colours.
@@ -61,7 +62,8 @@ TOY_TASKS = {
     # near-greedy SFT policy already names almost every item (no headroom) and the policy exploits
     # repeats that SFT samples never contain (no coverage): the README's counter-example.
     "items": {"prompt_sizes": [2, 8], "reference_lengths": "uniform",
-              "reference_mistake_rate": 0.03, "mistake_unit": "item", "item_values": [1.0] * len(ITEMS),
+              "reference_mistake_rate": 0.03, "mistake_unit": "item",
+              "item_values": [1.0] * len(ITEMS),
               "mistake_penalty": 1.0, "length_cost": 0.0, "separator": "and"},
     # liked and disliked colours: naming everything is about as good as naming nothing
     "values": {"prompt_sizes": [2, 8], "reference_lengths": "uniform",
@@ -105,8 +107,9 @@ def check_toy_spec(spec: dict) -> None:
                            f"non-negative weights for 1, 2, ... items, got {lengths}")
     if not 0 <= spec["reference_mistake_rate"] <= 1:
         raise C.StageError("the reference mistake rate must be in [0, 1]")
-    if spec["mistake_unit"] not in ("item", "answer"):
-        raise C.StageError(f"the mistake unit must be 'item' or 'answer', got {spec['mistake_unit']!r}")
+    if spec["mistake_unit"] not in MISTAKE_UNITS:
+        raise C.StageError(f"the mistake unit must be 'item' or 'answer', "
+                           f"got {spec['mistake_unit']!r}")
     if spec["separator"] not in (AND, "space"):
         raise C.StageError(f"the separator must be 'and' or 'space', got {spec['separator']!r}")
     if not (math.isfinite(spec["length_cost"]) and spec["length_cost"] >= 0):
@@ -181,6 +184,10 @@ class ToyTask:
                     words[i] = rng.choice(ITEMS)    # may be off-prompt or a repeat
         elif rng.random() < rate:                   # "answer": at most one, whatever the length
             words[rng.randrange(len(words))] = rng.choice(ITEMS)
+        return self.answer(words)
+
+    def answer(self, words: list[str]) -> str:
+        """Colours written as an answer: joined by `and`, or by spaces (`separator`)."""
         return f" {AND} ".join(words) if self.spec["separator"] == AND else " ".join(words)
 
     # -- the stages' views ---------------------------------------------------------------------
