@@ -13,7 +13,7 @@ Re-weight every stored pair by how much more likely it is under pi_k and refit:
 RM_k starts again from the SFT backbone with a fresh head (not from RM_{k-1}) and is fitted by
 reward_model.py's own fit, so the only difference from RM_1 is the weights.
 
-In : --policy (pi_k, from ppo.py), --sft, --prefs (from reward_model.py; not with --fresh_pairs)
+In : --policy (pi_k, from ppo.py), --sft, --prefs (from reward_model.py)
 Out: --weights_out  the prefs columns + logp_policy_chosen/rejected + weight (save_to_disk),
                     with settings.json (alpha, lam, normalize, clip) and the diagnostics;
                     if it already exists (an interrupted earlier call), it is reused when it was
@@ -24,10 +24,14 @@ Out: --weights_out  the prefs columns + logp_policy_chosen/rejected + weight (sa
         --prefs runs/toy-seed1/prefs --weights_out runs/toy-seed1/ocrm/weights_2 \\
         --out runs/toy-seed1/ocrm/rm_2 --lam 0.1
 
-A control, not part of OCRM: `--fresh_pairs N` skips the weights and fits RM_k on N new pairs
-sampled from pi_k and labelled by the gold reward (weights 1; settings.json records N). That is
-the on-policy refit the weights try to imitate without new labels, so it bounds what any alpha,
-lam, normalisation or clipping can achieve on a task (run_all.sh: the arm fresh_pairs in ARMS).
+Two controls, not part of OCRM, that buy new labels instead of weighting (weights all 1;
+settings.json records N):
+  `--fresh_pairs N` alone fits RM_k on N new pairs sampled from pi_k and labelled by the gold
+  reward: the on-policy refit the weights try to imitate without new labels (run_all.sh: the
+  arm fresh_pairs);
+  `--fresh_pairs N --prefs P` fits RM_k on the stored pairs P plus those N new ones, unweighted,
+  as iterated online RLHF adds each round's new comparisons to the old ones (the arm
+  fresh_plus_stored).
 
 Departures: the authors' code adds 1e-36 inside the log in float32, which underflows once both
 log-probs fall below about -87 and then returns a wrong ratio; here the ratio is computed with
@@ -59,7 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--policy", required=True, help="current policy pi_k (ppo.py --out)")
     p.add_argument("--sft", required=True, help="SFT policy (denominator and RM init)")
     p.add_argument("--prefs", default=None,
-                   help="the stored preference pairs to re-weight (reward_model.py --prefs)")
+                   help="the stored preference pairs to re-weight (reward_model.py --prefs); with "
+                        "--fresh_pairs, the pairs the new ones are added to")
     p.add_argument("--weights_out", required=True, help="where to save the weighted dataset")
     p.add_argument("--out", required=True, help="output directory of the corrected RM")
     p.add_argument("--alpha", type=float, default=0.1, help="relative density ratio mix, in [0, 1)")
@@ -75,7 +80,8 @@ def parse_args(argv=None):
                    help="a control, not OCRM: instead of re-weighting the stored pairs, sample "
                         "this many new pairs from pi_k, label them with the gold reward (--label) "
                         "and fit on them unweighted: the on-policy refit any weighting "
-                        "approximates, at the price of new labels (0: off)")
+                        "approximates, at the price of new labels; with --prefs, fit on the "
+                        "stored pairs plus the new ones (0: off)")
     p.add_argument("--label", choices=("argmax", "bt"), default=None,
                    help="label rule for --fresh_pairs (unset: argmax): use the one the stored "
                         "pairs were made with (reward_model.py --label)")
@@ -108,9 +114,8 @@ def parse_args(argv=None):
     if args.fresh_pairs and weight_flags:
         raise C.StageError(f"{', '.join(weight_flags)} shape the weights of the stored pairs; "
                            f"--fresh_pairs fits on new pairs without weights")
-    if bool(args.fresh_pairs) == bool(args.prefs):
-        raise C.StageError("--fresh_pairs fits on new pairs, not on the stored ones: drop --prefs"
-                           if args.prefs else "--prefs: the stored pairs to re-weight are required")
+    if not args.fresh_pairs and not args.prefs:
+        raise C.StageError("--prefs: the stored pairs to re-weight are required")
     if args.diag_prompts is None:
         args.diag_prompts = DIAG_PROMPTS
     elif not args.reward_model_before:
@@ -238,16 +243,22 @@ def check_reusable(weights_dir: Path, settings: dict) -> None:
                            f"recompute them")
 
 
-def stored_pair_weights(policy, tokenizer, data, args, device):
-    """a. l_k of both stored responses under the current policy, at T = 1.0 with the code that
-    computed l_sft; b. the pairs' weights. Returns ({"chosen", "rejected"}: l_k, w)."""
+def stored_logprobs(policy, tokenizer, data, args, device) -> dict:
+    """l_k of both stored responses under the current policy, at T = 1.0 with the code that
+    computed l_sft: {"chosen", "rejected"}: (N,)."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     query = torch.tensor(data["prompt_ids"], device=device)
     rows = C.shard(len(query), args.forward_batch_size)    # torchrun: each rank scores a shard
-    logp = {name: C.gather_rows(C.sequence_logprobs(
+    return {name: C.gather_rows(C.sequence_logprobs(
                 policy, query[rows], torch.tensor(data[f"{name}_ids"], device=device)[rows],
                 pad, eos, 1.0, args.forward_batch_size).cpu())
             for name in ("chosen", "rejected")}
+
+
+def stored_pair_weights(policy, tokenizer, data, args, device):
+    """a. l_k of both stored responses (stored_logprobs); b. the pairs' weights.
+    Returns ({"chosen", "rejected"}: l_k, w, the lam used)."""
+    logp = stored_logprobs(policy, tokenizer, data, args, device)
     columns = (logp["chosen"], logp["rejected"], torch.tensor(data["logp_sft_chosen"]),
                torch.tensor(data["logp_sft_rejected"]))
     lam = lam_for_min_ess(*columns, args.alpha, args.lam, args.min_ess)
@@ -257,16 +268,28 @@ def stored_pair_weights(policy, tokenizer, data, args, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# The control (--fresh_pairs N): what the weights imitate, at the price of new labels
+# The controls (--fresh_pairs N): what the weights imitate, at the price of new labels
 # ----------------------------------------------------------------------------------------------
-def fresh_pairs_control(policy, tokenizer, task, args, device):
-    """N new pairs sampled from pi_k and labelled by the gold reward, each of weight 1 (their
-    logp_sft_* columns hold log-probs under pi_k, the policy they were sampled from). Returns
-    (the pairs, their log-probs, w = 1)."""
+def fresh_pairs_control(policy, tokenizer, task, args, device, stored=None):
+    """N new pairs sampled from pi_k and labelled by the gold reward (their logp_sft_* columns
+    hold log-probs under pi_k, the policy they were sampled from), after the `stored` pairs if
+    given (their l_k computed as OCRM's step a does). Returns (the pairs, l_k of each, w = 1)."""
     data = RM.sample_preferences(policy, tokenizer, task, args.fresh_pairs, args.label, args.seed,
                                  device, args.forward_batch_size, "ocrm_correct")
     logp = {name: torch.tensor(data[f"logp_sft_{name}"]) for name in ("chosen", "rejected")}
+    if stored is not None:                 # the stored pairs first, then the new ones
+        logp_stored = stored_logprobs(policy, tokenizer, stored, args, device)
+        logp = {name: torch.cat([logp_stored[name], logp[name]]) for name in logp}
+        data = concatenate_pairs(stored, data, tokenizer.pad_token_id)
     return data, logp, torch.ones(len(data), dtype=torch.float64)
+
+
+def concatenate_pairs(first: datasets.Dataset, second: datasets.Dataset, pad: int):
+    """Two pair datasets as one (the pair columns only), prompts left-padded to one width."""
+    columns = {name: list(first[name]) + list(second[name]) for name in RM.PREF_COLUMNS}
+    width = max(len(ids) for ids in columns["prompt_ids"])
+    columns["prompt_ids"] = [[pad] * (width - len(ids)) + ids for ids in columns["prompt_ids"]]
+    return datasets.Dataset.from_dict(columns)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,8 +322,8 @@ def main(argv=None):
         data = datasets.load_from_disk(str(weights_dir))
         print(f"ocrm: reusing the weights in {weights_dir}")
     else:
-        if args.fresh_pairs:   # the on-policy control, not the paper's method
-            data, logp, w = fresh_pairs_control(policy, tokenizer, task, args, device)
+        if args.fresh_pairs:   # a control with new labels, not the paper's method
+            data, logp, w = fresh_pairs_control(policy, tokenizer, task, args, device, data)
             lam = None
         else:                  # a-b: the paper's step
             logp, w, lam = stored_pair_weights(policy, tokenizer, data, args, device)

@@ -27,17 +27,21 @@ from pathlib import Path
 
 import common as C
 
-ALL_ARMS = ("standard_rlhf", "ppo_new_kl", "ocrm", "dpo", "wpo", "fresh_pairs")
+ALL_ARMS = ("standard_rlhf", "ppo_new_kl", "ocrm", "dpo", "wpo", "fresh_pairs",
+            "fresh_plus_stored")
 DEFAULT_ARMS = ("standard_rlhf", "ppo_new_kl", "ocrm", "dpo", "wpo")
 OFFLINE_ARMS = ("dpo", "wpo")                     # one dpo.py stage on the stored pairs, no rounds
+CONTROL_ARMS = ("fresh_pairs", "fresh_plus_stored")  # refit on new gold-labelled pairs, not weights
 # (arm, control): the differences reported, whenever both arms were run
 COMPARISONS = (("ocrm", "standard_rlhf"), ("ocrm", "ppo_new_kl"), ("ocrm", "dpo"),
-               ("ocrm", "wpo"), ("fresh_pairs", "standard_rlhf"))
+               ("ocrm", "wpo"), ("fresh_pairs", "standard_rlhf"),
+               ("fresh_plus_stored", "standard_rlhf"))
 LABELS = {"sft": "SFT", "standard_rlhf": "standard RLHF", "ppo_new_kl": "PPO + new KL",
-          "ocrm": "OCRM", "dpo": "DPO", "wpo": "WPO", "fresh_pairs": "fresh-pairs control"}
+          "ocrm": "OCRM", "dpo": "DPO", "wpo": "WPO", "fresh_pairs": "fresh-pairs control",
+          "fresh_plus_stored": "fresh + stored pairs control"}
 # what the final evaluation reports per arm (final.json), in report.json and the aggregate
 FINAL_KEYS = ("gold", "proxy", "kl_to_sft", "win_rate_vs_sft", "win_rate_vs_reference")
-GATE_SE = {1: 5, 2: 3, 3: 2, 4: 2}                # how many standard errors each gate asks for
+GATE_SE = {1: 5, 2: 3, 3: 2, "3b": 2, 4: 2}      # how many standard errors each gate asks for
 
 
 def parse_args(argv=None):
@@ -183,8 +187,9 @@ def build_report(run_dir: Path, rounds: int, seed: int, arms=DEFAULT_ARMS) -> di
               "overoptimization": {"standard_rlhf": overoptimization(
                   report_arms["standard_rlhf"]["curve"])} if "standard_rlhf" in arms else {},
               "seconds": stage_seconds(run_dir)}
-    if "fresh_pairs" in arms:
-        report["fresh_pairs_refits"] = refits(run_dir, "fresh_pairs", rounds)
+    for arm in CONTROL_ARMS:
+        if arm in arms:
+            report[f"{arm}_refits"] = refits(run_dir, arm, rounds)
     return report
 
 
@@ -247,8 +252,9 @@ def markdown(report: dict) -> str:
     if report["weights"]:
         lines += refit_table(report["weights"], "ocrm",
                              "its own fresh pairs" if note else "SFT pairs")
-    if report.get("fresh_pairs_refits"):
-        lines += refit_table(report["fresh_pairs_refits"], "fresh_pairs", "its own fresh pairs")
+    for arm, pairs in zip(CONTROL_ARMS, ("its own fresh pairs", "stored and fresh pairs")):
+        if report.get(f"{arm}_refits"):
+            lines += refit_table(report[f"{arm}_refits"], arm, pairs)
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in report["seconds"].items()]
     return "\n".join(lines) + "\n"
@@ -464,8 +470,9 @@ def aggregate_report(run_dirs: list[Path]) -> dict:
            "weights": [{"seed": r["seed"], "weights": r["weights"]} for r in reports]}
     if "ocrm" in arm_names:
         agg["ess_fraction"], agg["policy_pair_accuracy"] = refit_rounds(reports, "weights")
-    if "fresh_pairs" in arm_names:
-        _, agg["fresh_pairs_policy_pair_accuracy"] = refit_rounds(reports, "fresh_pairs_refits")
+    for arm in CONTROL_ARMS:
+        if arm in arm_names:
+            _, agg[f"{arm}_policy_pair_accuracy"] = refit_rounds(reports, f"{arm}_refits")
     return agg
 
 
@@ -553,7 +560,9 @@ def gates(run_dirs: list[Path]) -> dict:
                          "proxy_gain": o["proxy_gain_after_peak"]})
         out[2] = {"per_seed": rows, "passed": all(x["drop_se"] > GATE_SE[2] and x["proxy_gain"] > 0
                                                   for x in rows)}
+    # 3b: gate 3 with the control that keeps the stored pairs (docs/experiments.md, v32)
     for gate, arm, controls in ((3, "fresh_pairs", ("standard_rlhf",)),
+                                ("3b", "fresh_plus_stored", ("standard_rlhf",)),
                                 (4, "ocrm", ("standard_rlhf", "ppo_new_kl"))):
         if not have(arm, *controls):
             continue
@@ -583,7 +592,10 @@ def gates_markdown(g: dict) -> str:
         lines.append(f"| 2 standard RLHF overoptimizes (> 3 s.e.) | {per} | "
                      f"{verdict(g[2]['passed'])} |")
     for gate, title in ((3, "3 fresh-pairs control beats standard RLHF (> 2 s.e.)"),
+                        ("3b", "3b fresh + stored pairs control beats standard RLHF (> 2 s.e.)"),
                         (4, "4 OCRM beats standard RLHF and PPO + new KL (> 2 s.e.), and SFT")):
+        if gate == "3b" and gate not in g:   # an optional control: listed only when it ran
+            continue
         if gate not in g:
             lines.append(f"| {title} | not run | - |")
             continue

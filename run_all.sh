@@ -23,6 +23,8 @@
 #     baselines dpo and wpo (dpo.py on the stored pairs, once), and the optional control
 #     fresh_pairs  KL to pi_{k-1}, reward RM_k fitted on FRESH_PAIRS new gold-labelled pairs
 #                  sampled from pi_{k-1}, unweighted: what the weights imitate, with new labels
+#     fresh_plus_stored  the same, RM_k fitted on the stored pairs plus the new ones (as iterated
+#                  online RLHF keeps its old comparisons)
 #   DPO_ARGS   extra flags for dpo.py (both dpo and wpo) e.g. "--lr 1e-4"
 #   EVAL_PROMPTS held-out prompts of every arm's evaluation (the arms must share them to be
 #              compared; unset: ppo.py's and dpo.py's one default, common.EVAL_PROMPTS; the
@@ -143,9 +145,9 @@ eval_prompts=""   # the presets set it; the embedded task uses the scripts' defa
 read -r -a arms <<< "$ARMS"
 for arm in "${arms[@]}"; do
   case "$arm" in
-    standard_rlhf|ppo_new_kl|ocrm|fresh_pairs|dpo|wpo) ;;
+    standard_rlhf|ppo_new_kl|ocrm|fresh_pairs|fresh_plus_stored|dpo|wpo) ;;
     *) echo "error: unknown arm '$arm' in ARMS; use standard_rlhf, ppo_new_kl, ocrm, dpo, wpo," \
-         "fresh_pairs" >&2
+         "fresh_pairs, fresh_plus_stored" >&2
        exit 2 ;;
   esac
 done
@@ -261,7 +263,7 @@ ppo() {  # ppo OUT INIT KL_REF RM ROUND
 }
 ppo "$RUN_DIR/ppo_1" "$sft" "$sft" "$rm_1" 1
 
-# the fresh-pairs control labels its new pairs as the stored ones were (a --label in PAIRS_ARGS)
+# the fresh-pairs controls label their new pairs as the stored ones were (a --label in PAIRS_ARGS)
 fresh_label=()
 read -r -a pairs_flags <<< "$PAIRS_ARGS"
 for ((i = 0; i < ${#pairs_flags[@]}; i++)); do
@@ -285,10 +287,14 @@ for arm in "${arms[@]}"; do
     case "$arm" in
       standard_rlhf) ppo "$RUN_DIR/$arm/round_$k" "$prev" "$sft" "$rm_1" "$k" ;;
       ppo_new_kl) ppo "$RUN_DIR/$arm/round_$k" "$prev" "$prev" "$rm_1" "$k" ;;
-      ocrm|fresh_pairs)
+      ocrm|fresh_pairs|fresh_plus_stored)
         rm_k=$RUN_DIR/$arm/rm_$k
-        if [ "$arm" = ocrm ]; then refit=(--prefs "$RUN_DIR/prefs" $OCRM_ARGS)
-        else refit=(--fresh_pairs "$FRESH_PAIRS" "${fresh_label[@]}"); fi
+        case "$arm" in
+          ocrm) refit=(--prefs "$RUN_DIR/prefs" $OCRM_ARGS) ;;
+          fresh_pairs) refit=(--fresh_pairs "$FRESH_PAIRS" "${fresh_label[@]}") ;;
+          fresh_plus_stored) refit=(--prefs "$RUN_DIR/prefs" --fresh_pairs "$FRESH_PAIRS"
+                                    "${fresh_label[@]}") ;;
+        esac
         # shellcheck disable=SC2086
         run_stage "$rm_k" "${launch[@]}" ocrm_correct.py --policy "$prev" --sft "$sft" \
           --weights_out "$RUN_DIR/$arm/weights_$k" --out "$rm_k" \

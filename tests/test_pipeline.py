@@ -315,6 +315,36 @@ def test_fresh_pairs_control_fits_on_new_labelled_samples_of_the_policy(run, tmp
         assert row["gold_chosen"] >= row["gold_rejected"]
 
 
+def test_fresh_plus_stored_control_fits_on_the_stored_pairs_then_new_ones(run, tmp_path):
+    """ocrm_correct.py --fresh_pairs N --prefs P: the stored pairs, unchanged and in order, then
+    N new pairs of pi_k, all of weight 1; the stored rows carry their l_k under pi_k, the same
+    numbers as OCRM's own weights for that policy (the run's ocrm/weights_2, made from ppo_1)."""
+    import ocrm_correct
+    ocrm_correct.main(["--policy", str(run.dir / "ppo_1"), "--sft", str(run.dir / "sft"),
+                       "--prefs", str(run.dir / "prefs"), "--weights_out", str(tmp_path / "w"),
+                       "--out", str(tmp_path / "rm"), "--fresh_pairs", "48", "--epochs", "1",
+                       "--seed", "3", "--device", "cpu"])
+    data = datasets.load_from_disk(str(tmp_path / "w"))
+    stored = datasets.load_from_disk(str(run.dir / "prefs"))
+    ocrm_weights = datasets.load_from_disk(str(run.dir / "ocrm" / "weights_2"))
+    assert len(data) == NUM_PAIRS + 48 and set(data["weight"]) == {1.0}
+    assert json.loads((tmp_path / "rm" / "rm_info.json").read_text())["num_pairs"] == NUM_PAIRS + 48
+    old, new = data.select(range(NUM_PAIRS)), data.select(range(NUM_PAIRS, NUM_PAIRS + 48))
+    pad = C.load_tokenizer(run.dir / "sft").pad_token_id
+    for column in PREF_COLUMNS + ["chosen_ids", "rejected_ids"]:
+        assert list(old[column]) == list(stored[column]), column
+    strip = lambda rows: [[t for t in ids if t != pad] for ids in rows]   # noqa: E731
+    assert strip(old["prompt_ids"]) == strip(stored["prompt_ids"])
+    assert len({len(ids) for ids in data["prompt_ids"]}) == 1             # one padded width
+    for side in ("chosen", "rejected"):
+        assert list(old[f"logp_policy_{side}"]) == pytest.approx(
+            list(ocrm_weights[f"logp_policy_{side}"]), abs=1e-5)
+        # the new rows were sampled by pi_k: their l_k is their logp_sft_* column
+        assert list(new[f"logp_policy_{side}"]) == list(new[f"logp_sft_{side}"])
+    assert new["prompt"] == T.load_task(run.dir / "sft").pair_prompts(48, seed=3)
+    assert strip(new["chosen_ids"]) != strip(stored["chosen_ids"][:48])   # new samples
+
+
 def test_dpo_first_step_is_log_2_times_the_mean_weight_and_wpo_0_weights_1(run):
     """At the first step the policy is its reference, so every pair's loss is log 2 and the batch
     loss is log 2 times the mean weight: exactly log 2 for --wpo 0 (w = 1), less for --wpo 1."""
@@ -970,8 +1000,9 @@ BAD_INPUTS = {
         r, t) + ["--gradient_checkpointing", "1"]),
     "rm_reused_prefs_made_with_other_num_pairs": (f"--num_pairs {NUM_PAIRS} (asked 16)", lambda r, t: rm_cmd(
         r, t, prefs=r / "prefs")),
-    "ocrm_stored_pairs_with_fresh_pairs": ("--prefs", lambda r, t: ocrm_cmd(
-        r, t, "--fresh_pairs", "100")),
+    "ocrm_neither_stored_nor_fresh_pairs": ("--prefs", lambda r, t: [
+        "ocrm_correct.py", "--policy", r / "ppo_1", "--sft", r / "sft", "--weights_out",
+        t / "weights", "--out", t / "out", "--device", "cpu"]),
     "ocrm_diag_prompts_without_a_diagnostic": ("--reward_model_before", lambda r, t: ocrm_cmd(
         r, t, "--diag_prompts", "64")),
     "ocrm_label_without_fresh_pairs": ("--fresh_pairs", lambda r, t: ocrm_cmd(r, t, "--label", "bt")),
@@ -1130,12 +1161,15 @@ def recorded_calls(tmp_path: Path, **env) -> list[str]:
     return calls.read_text().splitlines()
 
 
+@pytest.mark.parametrize("arm", ["fresh_pairs", "fresh_plus_stored"])
 @pytest.mark.parametrize("pairs_args, label", [("--num_pairs 64 --label bt", "bt"),
                                                ("--label=bt", "bt"), ("--num_pairs 64", None)])
-def test_fresh_pairs_control_labels_like_the_stored_pairs(tmp_path, pairs_args, label):
-    calls = recorded_calls(tmp_path, ARMS="fresh_pairs", PAIRS_ARGS=pairs_args)
+def test_fresh_pairs_controls_label_like_the_stored_pairs(tmp_path, arm, pairs_args, label):
+    calls = recorded_calls(tmp_path, ARMS=arm, PAIRS_ARGS=pairs_args)
     refit = [c for c in calls if c.startswith("ocrm_correct.py")]
     assert len(refit) == 1 and "--fresh_pairs 10000" in refit[0]
+    # only the second control keeps the stored pairs
+    assert ("--prefs" in refit[0]) == (arm == "fresh_plus_stored")
     if label is None:
         assert "--label" not in refit[0]               # ocrm_correct.py's default: argmax
     else:

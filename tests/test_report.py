@@ -363,9 +363,11 @@ def test_a_failing_seed_stops_before_the_next_seed_and_the_aggregate(tmp_path):
 # The gates of docs/experiments.md
 # ----------------------------------------------------------------------------------------------
 def gate_run(root: Path, seed: int, standard_finals, overopt, gold: dict) -> Path:
-    """A report.json with the fresh-pairs arm, and the numbers the gates read set by hand."""
+    """A report.json with the two fresh-pairs controls, and the numbers the gates read set by
+    hand."""
     report = synthetic_run_report(seed)
     report["arms"]["fresh_pairs"] = dict(report["arms"]["ocrm"])
+    report["arms"]["fresh_plus_stored"] = dict(report["arms"]["ocrm"])
     report["arms"]["sft"].update(gold=1.0, gold_se=0.1)
     report["arms"]["standard_rlhf"]["stage_finals"] = [
         {"stage": f"round_{k + 1}", "gold": g, "gold_se": 0.1} for k, g in enumerate(standard_finals)]
@@ -380,11 +382,15 @@ def test_gates_follow_their_definitions(tmp_path, capsys):
             "proxy_at_peak": 1.0, "final_proxy": 1.3, "gold_drop_from_peak": 0.5,
             "proxy_gain_after_peak": 0.3}
     flat = {**peak, "final_gold": 1.8, "gold_drop_from_peak": 0.2}          # 2 s.e.: too little
-    # fresh pairs minus standard: 0.5, 0.7, 0.6; OCRM minus standard 0.2, -0.1, 0.3;
-    # OCRM minus PPO + new KL 1.0, 1.1, 0.9; OCRM minus SFT (1.0) 0.7, 0.5, 0.9
-    golds = {1: {"standard_rlhf": 1.5, "fresh_pairs": 2.0, "ocrm": 1.7, "ppo_new_kl": 0.7},
-             2: {"standard_rlhf": 1.6, "fresh_pairs": 2.3, "ocrm": 1.5, "ppo_new_kl": 0.4},
-             3: {"standard_rlhf": 1.6, "fresh_pairs": 2.2, "ocrm": 1.9, "ppo_new_kl": 1.0}}
+    # fresh pairs minus standard: 0.5, 0.7, 0.6; fresh + stored minus standard -0.1, 0.3, 0.1;
+    # OCRM minus standard 0.2, -0.1, 0.3; OCRM minus PPO + new KL 1.0, 1.1, 0.9; OCRM minus
+    # SFT (1.0) 0.7, 0.5, 0.9
+    golds = {1: {"standard_rlhf": 1.5, "fresh_pairs": 2.0, "fresh_plus_stored": 1.4, "ocrm": 1.7,
+                 "ppo_new_kl": 0.7},
+             2: {"standard_rlhf": 1.6, "fresh_pairs": 2.3, "fresh_plus_stored": 1.9, "ocrm": 1.5,
+                 "ppo_new_kl": 0.4},
+             3: {"standard_rlhf": 1.6, "fresh_pairs": 2.2, "fresh_plus_stored": 1.7, "ocrm": 1.9,
+                 "ppo_new_kl": 1.0}}
     dirs = [gate_run(tmp_path / "a", 1, [1.8, 1.4, 1.2], peak, golds[1]),     # +8 s.e.
             gate_run(tmp_path / "a", 2, [1.2, 1.6, 1.1], peak, golds[2]),     # +6 s.e., round 2
             gate_run(tmp_path / "a", 3, [1.3, 1.2, 1.55], flat, golds[3])]    # +5.5 s.e.
@@ -399,6 +405,10 @@ def test_gates_follow_their_definitions(tmp_path, capsys):
     assert d3["per_seed"] == pytest.approx([0.5, 0.7, 0.6])
     assert d3["std_err"] == pytest.approx(np.std([0.5, 0.7, 0.6], ddof=1) / math.sqrt(3))
     assert g[3]["passed"]                                      # 0.6 > 2 x 0.058
+    d3b = g["3b"]["differences"]["standard_rlhf"]
+    assert d3b["per_seed"] == pytest.approx([-0.1, 0.3, 0.1]) and d3b["wins"] == 2
+    assert d3b["std_err"] == pytest.approx(0.2 / math.sqrt(3))
+    assert not g["3b"]["passed"]                               # 0.1 < 2 x 0.115
     d4 = g[4]["differences"]
     assert d4["standard_rlhf"]["mean"] == pytest.approx(0.4 / 3)
     assert d4["standard_rlhf"]["std_err"] == pytest.approx(
@@ -409,10 +419,14 @@ def test_gates_follow_their_definitions(tmp_path, capsys):
     # a seed 0.1 short of 5 s.e. fails gate 1
     short = gate_run(tmp_path / "b", 3, [1.3, 1.2, 1.49], peak, golds[3])
     assert not R.gates(dirs[:2] + [short])[1]["passed"]
-    # the command prints one table; gates whose arms were not run say so
+    # the command prints one table, gate 3b only when its control ran; gates whose arms were not
+    # run say so
+    code, out, err = cli(["--gates", *dirs], capsys)
+    line = next(x for x in out.splitlines() if x.startswith("| 3b fresh + stored pairs control"))
+    assert (code, err) == (0, "") and line.endswith("| FAIL |") and "-0.10, +0.30, +0.10" in line
     for r in dirs:
         report = json.loads((r / "report.json").read_text())
-        for arm in ("fresh_pairs", "ocrm", "ppo_new_kl"):
+        for arm in ("fresh_pairs", "fresh_plus_stored", "ocrm", "ppo_new_kl"):
             del report["arms"][arm]
         C.write_json(r / "report.json", report)
     code, out, err = cli(["--gates", *dirs], capsys)
