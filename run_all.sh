@@ -33,6 +33,10 @@
 #   NPROC=1    processes per stage: above 1, every Python stage runs under
 #              `torchrun --standalone --nproc_per_node NPROC` (one per GPU; gloo on a CPU), each
 #              rank a shard of every batch (README "More than one GPU")
+#   ARM_JOBS=2 the arms after ppo_1 run side by side, ARM_JOBS at a time, each with its output in
+#              $RUN_DIR/ARM.log, and every stage with OMP_NUM_THREADS=1 unless it is set (so one
+#              seed gives the same numbers as a seed of a JOBS=2 screen); 1 with a PRESET, with
+#              NPROC > 1, and for each seed of SEEDS unless it is set
 #
 # The paper's setting on one GPU (README "The paper's settings on one GPU"): PRESET picks models,
 # data and budgets; the variables above still apply and their flags come after the preset's.
@@ -56,6 +60,9 @@
 #              screening; the numbers depend on the thread count, not on JOBS)
 set -euo pipefail
 cd "$(dirname "$0")"
+# bash reads a script as it runs it: the braces around the rest make it read everything first, so
+# editing this file while a pipeline runs cannot change (or break) the running pipeline
+{
 
 if [ $# -gt 0 ]; then   # configured by the environment only; --help prints the comment above
   if [ "$1" = "--help" ] || [ "$1" = "-h" ]; then
@@ -104,13 +111,14 @@ if [ -n "${SEEDS+set}" ]; then
     run_dirs+=("$run_dir")
     if [ "$JOBS" -eq 1 ]; then
       echo "=== seed $s: $run_dir"
-      env -u SEEDS SEED="$s" RUN_DIR="$run_dir" bash "$(basename "$0")"   # this script, one seed
+      env -u SEEDS SEED="$s" RUN_DIR="$run_dir" ARM_JOBS="${ARM_JOBS:-1}" \
+        bash "$(basename "$0")"                                        # this script, one seed
     else
       while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
       echo "=== seed $s: $run_dir (output in $run_dir.log)"
       rm -f "$run_dir.failed"
-      (env -u SEEDS SEED="$s" RUN_DIR="$run_dir" bash "$(basename "$0")" > "$run_dir.log" 2>&1 \
-        || touch "$run_dir.failed") &
+      (env -u SEEDS SEED="$s" RUN_DIR="$run_dir" ARM_JOBS="${ARM_JOBS:-1}" \
+        bash "$(basename "$0")" > "$run_dir.log" 2>&1 || touch "$run_dir.failed") &
     fi
   done
   wait
@@ -216,7 +224,14 @@ SFT_ARGS="$SFT_PRESET $SFT_ARGS" PAIRS_ARGS="$PAIRS_PRESET $PAIRS_ARGS"
 RM_ARGS="$RM_PRESET $RM_ARGS" PPO_ARGS="$PPO_PRESET $PPO_ARGS" OCRM_ARGS="$OCRM_PRESET $OCRM_ARGS"
 
 NPROC=${NPROC:-1}
-for name in SEED ROUNDS UPDATES FRESH_PAIRS NPROC ${EVAL_PROMPTS:+EVAL_PROMPTS}; do
+# arms side by side: two on the embedded task (its tiny models keep one core busy each), one with a
+# preset or torchrun (a GPU holds one stage's models at a time)
+if [ -z "${PRESET:-}" ] && [ "$NPROC" = 1 ]; then
+  ARM_JOBS=${ARM_JOBS:-2}
+else
+  ARM_JOBS=${ARM_JOBS:-1}
+fi
+for name in SEED ROUNDS UPDATES FRESH_PAIRS NPROC ARM_JOBS ${EVAL_PROMPTS:+EVAL_PROMPTS}; do
   value=${!name}
   if ! [[ "$value" =~ ^[0-9]+$ ]] || [ "$value" -lt 1 ]; then
     echo "error: $name must be a positive integer, got '$value'" >&2
@@ -225,6 +240,9 @@ for name in SEED ROUNDS UPDATES FRESH_PAIRS NPROC ${EVAL_PROMPTS:+EVAL_PROMPTS};
 done
 mkdir -p "$RUN_DIR" 2>/dev/null && [ -w "$RUN_DIR" ] || {
   echo "error: cannot write the run directory $RUN_DIR" >&2; exit 2; }
+if [ "$ARM_JOBS" -gt 1 ]; then   # one torch thread per process: the numbers of JOBS=2 screens
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+fi
 
 # run_stage OUTPUT_DIR COMMAND...: skip when OUTPUT_DIR is finished, otherwise run COMMAND
 run_stage() {
@@ -274,15 +292,15 @@ for ((i = 0; i < ${#pairs_flags[@]}; i++)); do
 done
 
 # 4. rounds 2..ROUNDS of each arm, all starting from ppo_1; the offline arms in one stage each
-for arm in "${arms[@]}"; do
+run_arm() {  # run_arm ARM: the arm's stages after ppo_1
+  local arm=$1 prev=$RUN_DIR/ppo_1 prev_rm=$rm_1 k rm_k refit
   if [ "$arm" = dpo ] || [ "$arm" = wpo ]; then
     # shellcheck disable=SC2086
     run_stage "$RUN_DIR/$arm" "${launch[@]}" dpo.py --sft "$sft" --prefs "$RUN_DIR/prefs" \
       --reward_model "$rm_1" --out "$RUN_DIR/$arm" --wpo "$([ "$arm" = wpo ] && echo 1 || echo 0)" \
       "${common[@]}" "${eval_flag[@]}" $DPO_PRESET $DPO_ARGS
-    continue
+    return
   fi
-  prev=$RUN_DIR/ppo_1 prev_rm=$rm_1
   for ((k = 2; k <= ROUNDS; k++)); do
     case "$arm" in
       standard_rlhf) ppo "$RUN_DIR/$arm/round_$k" "$prev" "$sft" "$rm_1" "$k" ;;
@@ -304,7 +322,27 @@ for arm in "${arms[@]}"; do
     esac
     prev=$RUN_DIR/$arm/round_$k
   done
-done
+}
+if [ "$ARM_JOBS" -eq 1 ] || [ ${#arms[@]} -eq 1 ]; then
+  for arm in "${arms[@]}"; do run_arm "$arm"; done
+else   # the arms are independent once ppo_1 exists: ARM_JOBS side by side, a log file each
+  for arm in "${arms[@]}"; do
+    while [ "$(jobs -rp | wc -l)" -ge "$ARM_JOBS" ]; do wait -n || true; done
+    echo "== arm $arm (output in $RUN_DIR/$arm.log)"
+    rm -f "$RUN_DIR/$arm.done"
+    (run_arm "$arm" > "$RUN_DIR/$arm.log" 2>&1; touch "$RUN_DIR/$arm.done") &
+  done
+  wait
+  failed=()
+  for arm in "${arms[@]}"; do rm "$RUN_DIR/$arm.done" 2>/dev/null || failed+=("$arm"); done
+  for arm in "${failed[@]}"; do
+    echo "error: the arm $arm failed; its last lines, from $RUN_DIR/$arm.log:" >&2
+    tail -n 5 "$RUN_DIR/$arm.log" >&2
+  done
+  [ ${#failed[@]} -eq 0 ] || exit 2
+fi
 
 # 5. report.json, report.md, curves.png (always rebuilt: cheap, and reflects what is on disk)
 "$PYTHON" report.py --run_dir "$RUN_DIR" --rounds "$ROUNDS" --seed "$SEED" --arms "${arms[@]}"
+exit
+}

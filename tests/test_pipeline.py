@@ -55,6 +55,7 @@ BASE_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
 UPDATES, BATCH_SIZE, ROUNDS, EVAL_PROMPTS, NUM_PAIRS = 2, 8, 2, 32, 128
 PIPELINE_ENV = {
     "SEED": "1", "ROUNDS": str(ROUNDS), "UPDATES": str(UPDATES), "PYTHON": PY, "DEVICE": "cpu",
+    "ARM_JOBS": "1",      # the arms one after another: their stage lines on stdout, in order
     "SFT_ARGS": "--num_examples 256 --epochs 1",
     "PAIRS_ARGS": f"--num_pairs {NUM_PAIRS}",
     "RM_ARGS": "--epochs 1",
@@ -1156,9 +1157,28 @@ def recorded_calls(tmp_path: Path, **env) -> list[str]:
     fake.chmod(0o755)
     calls = tmp_path / "calls"
     proc = run_command(["bash", "run_all.sh"], env={
-        "PYTHON": fake, "CALLS": calls, "RUN_DIR": tmp_path / "run", "ROUNDS": "2", **env}, timeout=60)
+        "PYTHON": fake, "CALLS": calls, "RUN_DIR": tmp_path / "run", "ROUNDS": "2", "ARM_JOBS": "1",
+        **env}, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return calls.read_text().splitlines()
+
+
+def test_editing_run_all_sh_during_a_run_does_not_change_the_running_pipeline(tmp_path):
+    """bash reads a script as it runs it; run_all.sh is read whole first, so a stand-in PYTHON
+    that rewrites the script at its first call (SFT) leaves the running pipeline unchanged."""
+    script = tmp_path / "run_all.sh"
+    shutil.copy(ROOT / "run_all.sh", script)
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "$*" >> "$CALLS"\n'
+                    'printf \'echo edited; exit 7\\n%.0s\' $(seq 400) > "$SCRIPT"\n')
+    fake.chmod(0o755)
+    env = {"PYTHON": fake, "CALLS": tmp_path / "calls", "SCRIPT": script,
+           "RUN_DIR": tmp_path / "run", "ROUNDS": "2", "ARMS": "standard_rlhf ocrm"}
+    proc = run_command(["bash", script], env=env, timeout=60)
+    assert (proc.returncode, "edited" in proc.stdout) == (0, False), proc.stdout + proc.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 7 and calls[-1].startswith("report.py")   # sft ... ocrm round 2, report
+    assert script.read_text().startswith("echo edited")              # it was edited mid-run
 
 
 @pytest.mark.parametrize("arm", ["fresh_pairs", "fresh_plus_stored"])

@@ -301,7 +301,8 @@ def run_all(tmp_path: Path, **env) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in ("SEED", "SEEDS", "RUN_DIR", "AGG_DIR")}
     env = {**base, "OMP_NUM_THREADS": "1", "PYTHON": str(fake_python), "ROUNDS": "2",
            "RUN_ROOT": str(tmp_path / "root"), "CALLS": str(tmp_path / "calls.log"),
-           "FAIL_ON": "never matches", **env}
+           "FAIL_ON": "never matches", "ARM_JOBS": "1", **env}
+    env = {k: v for k, v in env.items() if v is not None}          # None: unset it
     return subprocess.run(["bash", "run_all.sh"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60)
 
@@ -438,6 +439,54 @@ def test_gates_follow_their_definitions(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 # run_all.sh with ARMS
 # ----------------------------------------------------------------------------------------------
+def test_arm_jobs_run_the_arms_side_by_side_each_into_its_log(tmp_path):
+    """ARM_JOBS=2: after ppo_1 two arms run at once (both round-2 stages start before either
+    ends), each arm's stage lines go to RUN_DIR/ARM.log, every stage runs on one torch thread
+    (OMP_NUM_THREADS unset before), and the report comes after all of them."""
+    run_dir, events = tmp_path / "one", tmp_path / "events"
+    slow = tmp_path / "slow_python"
+    slow.write_text('#!/bin/sh\necho "$*" >> "$CALLS"\necho "${OMP_NUM_THREADS-unset}" >> '
+                    '"$CALLS.threads"\ncase "$*" in *round_2*) echo start >> "$EVENTS"; sleep 2; '
+                    'echo end >> "$EVENTS";; esac\n')
+    slow.chmod(0o755)
+    proc = run_all(tmp_path, RUN_DIR=str(run_dir), ARM_JOBS="2", OMP_NUM_THREADS=None,
+                   ARMS="standard_rlhf ppo_new_kl", PYTHON=str(slow), EVENTS=str(events))
+    assert proc.returncode == 0, proc.stderr
+    assert events.read_text().split() == ["start", "start", "end", "end"]
+    assert [x for x in proc.stdout.splitlines() if x.startswith("== ")] == [
+        f"== {run_dir}/{s}" for s in ("sft", "rm_1", "ppo_1")] + [
+        f"== arm {arm} (output in {run_dir}/{arm}.log)" for arm in ("standard_rlhf", "ppo_new_kl")]
+    for arm in ("standard_rlhf", "ppo_new_kl"):
+        assert (run_dir / f"{arm}.log").read_text() == f"== {run_dir}/{arm}/round_2\n"
+    assert set((tmp_path / "calls.log.threads").read_text().split()) == {"1"}
+    assert calls(tmp_path)[-1].startswith(f"report.py --run_dir {run_dir}")
+    assert not list(run_dir.glob("*.done"))
+
+
+def test_a_failing_arm_among_side_by_side_arms_stops_before_the_report(tmp_path):
+    run_dir = tmp_path / "one"
+    proc = run_all(tmp_path, RUN_DIR=str(run_dir), ARM_JOBS="2", ARMS="standard_rlhf ocrm dpo",
+                   FAIL_ON="ocrm/rm_2")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: the arm ocrm failed; its last lines, from "
+                                  f"{run_dir}/ocrm.log:\n"), proc.stderr
+    assert "error: stand-in fails" in proc.stderr
+    log = calls(tmp_path)
+    assert any(f"--out {run_dir}/standard_rlhf/round_2" in c for c in log)   # the others ran
+    assert any(c.startswith("dpo.py") for c in log)
+    assert not any(c.startswith("report.py") for c in log)
+    assert not any(f"--out {run_dir}/ocrm/round_2" in c for c in log)
+
+
+@pytest.mark.parametrize("env, side_by_side", [({}, True), ({"PRESET": "smoke"}, False),
+                                               ({"NPROC": "2"}, False), ({"ARM_JOBS": "3"}, True)])
+def test_arms_run_side_by_side_by_default_on_the_embedded_task_only(tmp_path, env, side_by_side):
+    proc = run_all(tmp_path, RUN_DIR=str(tmp_path / "one"), ARMS="standard_rlhf ocrm",
+                   **{"ARM_JOBS": None, **env})
+    assert proc.returncode == 0, proc.stderr
+    assert ("== arm ocrm (output in" in proc.stdout) == side_by_side
+
+
 def test_arms_run_only_the_arms_asked_for_each_round_after_round_1(tmp_path):
     run_dir = tmp_path / "one"
     proc = run_all(tmp_path, ROUNDS="3", RUN_DIR=str(run_dir), ARMS="fresh_pairs standard_rlhf",
