@@ -325,8 +325,14 @@ run_arm() {  # run_arm ARM: the arm's stages after ppo_1
 }
 if [ "$ARM_JOBS" -eq 1 ] || [ ${#arms[@]} -eq 1 ]; then
   for arm in "${arms[@]}"; do run_arm "$arm"; done
-else   # the arms are independent once ppo_1 exists: ARM_JOBS side by side, a log file each
-  for arm in "${arms[@]}"; do
+else   # the arms are independent once ppo_1 exists: ARM_JOBS side by side, a log file each,
+  #      the longest first (refit and PPO each round, then PPO, then one offline stage) so that
+  #      the last to finish is a short one
+  queue=()
+  for kind in "fresh_plus_stored fresh_pairs ocrm" "standard_rlhf ppo_new_kl" "dpo wpo"; do
+    for arm in "${arms[@]}"; do [[ " $kind " == *" $arm "* ]] && queue+=("$arm"); done
+  done
+  for arm in "${queue[@]}"; do
     while [ "$(jobs -rp | wc -l)" -ge "$ARM_JOBS" ]; do wait -n || true; done
     echo "== arm $arm (output in $RUN_DIR/$arm.log)"
     rm -f "$RUN_DIR/$arm.done"

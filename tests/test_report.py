@@ -471,6 +471,9 @@ def test_a_failing_arm_among_side_by_side_arms_stops_before_the_report(tmp_path)
     assert proc.stderr.startswith(f"error: the arm ocrm failed; its last lines, from "
                                   f"{run_dir}/ocrm.log:\n"), proc.stderr
     assert "error: stand-in fails" in proc.stderr
+    # the longest arm starts first: refits and PPO, then PPO alone, then the offline stage
+    assert [x.split()[2] for x in proc.stdout.splitlines() if x.startswith("== arm ")] == [
+        "ocrm", "standard_rlhf", "dpo"]
     log = calls(tmp_path)
     assert any(f"--out {run_dir}/standard_rlhf/round_2" in c for c in log)   # the others ran
     assert any(c.startswith("dpo.py") for c in log)
