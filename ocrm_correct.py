@@ -280,16 +280,12 @@ def fresh_pairs_control(policy, tokenizer, task, args, device, stored=None):
     if stored is not None:                 # the stored pairs first, then the new ones
         logp_stored = stored_logprobs(policy, tokenizer, stored, args, device)
         logp = {name: torch.cat([logp_stored[name], logp[name]]) for name in logp}
-        data = concatenate_pairs(stored, data, tokenizer.pad_token_id)
+        columns = {name: list(stored[name]) + list(data[name]) for name in RM.PREF_COLUMNS}
+        # the two sets' prompts left-padded to one width, as every prompt is encoded
+        columns["prompt_ids"] = C.encode_prompts(tokenizer, columns["prompt"],
+                                                 task.max_prompt_len).tolist()
+        data = datasets.Dataset.from_dict(columns)
     return data, logp, torch.ones(len(data), dtype=torch.float64)
-
-
-def concatenate_pairs(first: datasets.Dataset, second: datasets.Dataset, pad: int):
-    """Two pair datasets as one (the pair columns only), prompts left-padded to one width."""
-    columns = {name: list(first[name]) + list(second[name]) for name in RM.PREF_COLUMNS}
-    width = max(len(ids) for ids in columns["prompt_ids"])
-    columns["prompt_ids"] = [[pad] * (width - len(ids)) + ids for ids in columns["prompt_ids"]]
-    return datasets.Dataset.from_dict(columns)
 
 
 # ----------------------------------------------------------------------------------------------
